@@ -1,0 +1,7 @@
+"""``python -m vfiofs``: the same as the ``vfiofs`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

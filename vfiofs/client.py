@@ -1,0 +1,203 @@
+"""Client library: drive vfiofs nodes the way a driver drives /dev/vfio and /dev/iommu.
+
+``ioctl(fd, request, arg)`` is the generic primitive, like ``fcntl.ioctl``: it takes the
+kernel's request number and the kernel's structure, carries them through the node's
+control mailbox (docs/protocol.md) and raises ``OSError`` with the command's errno.
+:class:`VfioDevice` and :class:`IommuFd` wrap the common commands. Every name of the
+kernel ABI (structures, ioctl numbers, flags) is importable from here too.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import threading
+from typing import Union
+
+from . import protocol
+from .abi import *  # noqa: F401,F403 - the kernel ABI is part of the client API
+from .abi import (
+    VFIO_DEVICE_ATTACH_IOMMUFD_PT,
+    VFIO_DEVICE_BIND_IOMMUFD,
+    VFIO_DEVICE_DETACH_IOMMUFD_PT,
+    VFIO_DEVICE_GET_INFO,
+    VFIO_DEVICE_GET_REGION_INFO,
+    VFIO_DEVICE_RESET,
+    IOMMU_DESTROY,
+    IOMMU_IOAS_ALLOC,
+    VFIO_PCI_INDEX_TO_OFFSET,
+    iommu_destroy,
+    iommu_ioas_alloc,
+    vfio_device_attach_iommufd_pt,
+    vfio_device_bind_iommufd,
+    vfio_device_detach_iommufd_pt,
+    vfio_device_info,
+    vfio_region_info,
+)
+from .protocol import FD_FOREIGN, FD_HANDLE, FD_NOT_OPEN, FdRef
+
+Arg = Union[None, int, bytes, bytearray, memoryview, ctypes.Structure, ctypes.Array]
+
+# Byte offsets of fd numbers (s32) inside the structures of commands that take them,
+# so they can be resolved in the caller's own process before the request leaves it.
+FD_FIELDS: dict[int, tuple[int, ...]] = {
+    VFIO_DEVICE_BIND_IOMMUFD: (vfio_device_bind_iommufd.iommufd.offset,),
+}
+
+
+def _transact(fd: int, request: protocol.Request, reply_room: int) -> protocol.Reply:
+    """One mailbox round trip in this thread's own slot."""
+    offset = protocol.control_offset(threading.get_native_id() & protocol.MAX_TAG)
+    message = protocol.encode_request(request)
+    written = os.pwrite(fd, message, offset)  # the command's errno surfaces here
+    if written != len(message):
+        raise OSError(errno.EIO, f"short control write ({written} of {len(message)} bytes)")
+    return protocol.decode_reply(os.pread(fd, protocol.REPLY_HEADER_SIZE + reply_room, offset))
+
+
+def handle_token(fd: int) -> bytes:
+    """The unforgeable reference of a vfiofs handle, readable only through that handle."""
+    reply = _transact(fd, protocol.Request(op=protocol.OP_GET_TOKEN), protocol.TOKEN_SIZE)
+    return reply.payload
+
+
+def resolve_fd(fd: int, own_fd: int) -> FdRef:
+    """What fd number ``fd`` of this process is, for the daemon (kernel: fget + type check)."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        if exc.errno == errno.EBADF:
+            return FdRef(FD_NOT_OPEN)
+        raise
+    if st.st_dev != os.fstat(own_fd).st_dev:
+        return FdRef(FD_FOREIGN)
+    try:
+        return FdRef(FD_HANDLE, handle_token(fd))
+    except (OSError, ValueError):
+        return FdRef(FD_FOREIGN)  # on the mount but not a handle (e.g. a directory)
+
+
+def ioctl(fd: int, request: int, arg: Arg = None) -> int:
+    """Run ioctl ``request`` on a vfiofs handle; returns what the kernel would return.
+
+    ``arg`` is a ctypes structure or a writable buffer (updated in place with what the
+    kernel copies back), read-only bytes (sent, not updated), an int for commands that
+    take a value, or None for a NULL pointer. Raises ``OSError`` with the command's errno.
+    """
+    if hasattr(fd, "fileno"):
+        fd = fd.fileno()
+    if arg is None:
+        req = protocol.Request(protocol.OP_IOCTL, request, protocol.ARG_NULL)
+    elif isinstance(arg, int):
+        req = protocol.Request(protocol.OP_IOCTL, request, protocol.ARG_VALUE, arg_value=arg)
+    else:
+        view = memoryview(arg).cast("B")
+        payload = bytes(view)
+        fds = {}
+        for field_offset in FD_FIELDS.get(request, ()):
+            if len(payload) >= field_offset + 4:
+                number = int.from_bytes(payload[field_offset : field_offset + 4], "little", signed=True)
+                if number >= 0:
+                    fds[number] = resolve_fd(number, fd)
+        req = protocol.Request(protocol.OP_IOCTL, request, protocol.ARG_BUFFER, payload=payload, fds=fds)
+    try:
+        reply = _transact(fd, req, len(req.payload))
+    except ValueError as exc:  # request too large for the mailbox
+        raise OSError(errno.EINVAL, str(exc)) from None
+    if not view_readonly(arg) and reply.payload:
+        memoryview(arg).cast("B")[: len(reply.payload)] = reply.payload
+    return reply.result
+
+
+def view_readonly(arg: Arg) -> bool:
+    if arg is None or isinstance(arg, int):
+        return True
+    return memoryview(arg).readonly
+
+
+class _Node:
+    """An open vfiofs node; closes on exit from a with-block."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+
+    def fileno(self) -> int:
+        if self.fd < 0:
+            raise ValueError("I/O operation on closed node")
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def ioctl(self, request: int, arg: Arg = None) -> int:
+        return ioctl(self.fileno(), request, arg)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class IommuFd(_Node):
+    """An open of the ``iommu`` node: an emulated iommufd context."""
+
+    def ioas_alloc(self) -> int:
+        cmd = iommu_ioas_alloc(size=ctypes.sizeof(iommu_ioas_alloc))
+        self.ioctl(IOMMU_IOAS_ALLOC, cmd)
+        return cmd.out_ioas_id
+
+    def destroy(self, object_id: int) -> None:
+        self.ioctl(IOMMU_DESTROY, iommu_destroy(size=ctypes.sizeof(iommu_destroy), id=object_id))
+
+
+class VfioDevice(_Node):
+    """An open of ``vfio/devices/vfioN``. Opening never binds: call :meth:`bind_iommufd`."""
+
+    def bind_iommufd(self, iommufd: IommuFd | int) -> int:
+        """VFIO_DEVICE_BIND_IOMMUFD; returns the devid."""
+        number = iommufd.fileno() if isinstance(iommufd, IommuFd) else iommufd
+        bind = vfio_device_bind_iommufd(argsz=ctypes.sizeof(vfio_device_bind_iommufd), iommufd=number)
+        self.ioctl(VFIO_DEVICE_BIND_IOMMUFD, bind)
+        return bind.out_devid
+
+    def attach_iommufd_pt(self, pt_id: int) -> int:
+        """VFIO_DEVICE_ATTACH_IOMMUFD_PT; returns the page table id the device is attached to."""
+        attach = vfio_device_attach_iommufd_pt(argsz=ctypes.sizeof(vfio_device_attach_iommufd_pt), pt_id=pt_id)
+        self.ioctl(VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach)
+        return attach.pt_id
+
+    def detach_iommufd_pt(self) -> None:
+        self.ioctl(VFIO_DEVICE_DETACH_IOMMUFD_PT,
+                   vfio_device_detach_iommufd_pt(argsz=ctypes.sizeof(vfio_device_detach_iommufd_pt)))
+
+    def get_info(self) -> vfio_device_info:
+        info = vfio_device_info(argsz=ctypes.sizeof(vfio_device_info))
+        self.ioctl(VFIO_DEVICE_GET_INFO, info)
+        return info
+
+    def get_region_info(self, index: int) -> vfio_region_info:
+        info = vfio_region_info(argsz=ctypes.sizeof(vfio_region_info), index=index)
+        self.ioctl(VFIO_DEVICE_GET_REGION_INFO, info)
+        return info
+
+    def reset(self) -> None:
+        self.ioctl(VFIO_DEVICE_RESET)
+
+    def read(self, index: int, offset: int, size: int) -> bytes:
+        """pread() of region ``index``; may return fewer bytes at the end of a BAR."""
+        return os.pread(self.fileno(), size, VFIO_PCI_INDEX_TO_OFFSET(index) + offset)
+
+    def write(self, index: int, offset: int, data: bytes) -> int:
+        """pwrite() to region ``index``; returns the number of bytes the device took."""
+        return os.pwrite(self.fileno(), data, VFIO_PCI_INDEX_TO_OFFSET(index) + offset)

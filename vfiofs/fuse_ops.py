@@ -1,0 +1,172 @@
+"""pyfuse3 adapter: maps FUSE requests onto :class:`vfiofs.server.Server`.
+
+Holds no VFIO rule. It owns only what is FUSE's business: the inode tree, attributes,
+and the translation of results into replies. Every handler maps every failure to a
+``FUSEError`` with an errno in 1..511 — an exception escaping a handler would kill the
+daemon, and a larger errno would leave the caller hanging.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pyfuse3
+
+from .errors import VfioError
+from .server import Server
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 300.0  # the tree never changes while mounted
+
+
+@dataclass
+class Node:
+    inode: int
+    name: bytes
+    mode: int
+    children: dict[bytes, "Node"] = field(default_factory=dict)
+    opener: Callable[[], int] | None = None  # files only: returns a new fh
+
+
+def _failure(exc: BaseException, what: str) -> pyfuse3.FUSEError:
+    if isinstance(exc, VfioError):
+        return pyfuse3.FUSEError(exc.errno)
+    log.exception("internal error in %s", what)
+    return pyfuse3.FUSEError(errno.EIO)
+
+
+class VfioOperations(pyfuse3.Operations):
+    """The vfiofs tree: ``iommu`` and ``vfio/devices/vfioN``."""
+
+    enable_writeback_cache = False
+
+    def __init__(self, server: Server, uid: int, gid: int, file_mode: int = 0o600) -> None:
+        super().__init__()
+        self.server = server
+        self.uid, self.gid = uid, gid
+        self.stamp_ns = time.time_ns()
+        self.nodes: dict[int, Node] = {}
+        root = self._add(pyfuse3.ROOT_INODE, b"", stat.S_IFDIR | 0o755)
+        iommu = self._add(2, b"iommu", stat.S_IFREG | file_mode, server.open_iommu)
+        vfio = self._add(3, b"vfio", stat.S_IFDIR | 0o755)
+        devices = self._add(4, b"devices", stat.S_IFDIR | 0o755)
+        root.children = {iommu.name: iommu, vfio.name: vfio}
+        vfio.children = {devices.name: devices}
+        for device in server.devices:
+            node = self._add(
+                100 + device.index,
+                f"vfio{device.index}".encode(),
+                stat.S_IFREG | file_mode,
+                lambda index=device.index: server.open_device(index),
+            )
+            devices.children[node.name] = node
+
+    def _add(self, inode: int, name: bytes, mode: int, opener: Callable[[], int] | None = None) -> Node:
+        node = Node(inode, name, mode, opener=opener)
+        self.nodes[inode] = node
+        return node
+
+    def _node(self, inode: int) -> Node:
+        node = self.nodes.get(inode)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return node
+
+    def _attrs(self, node: Node) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = node.inode
+        attrs.st_mode = node.mode
+        attrs.st_nlink = 2 + sum(1 for c in node.children.values() if stat.S_ISDIR(c.mode)) if stat.S_ISDIR(node.mode) else 1
+        attrs.st_uid, attrs.st_gid = self.uid, self.gid
+        attrs.st_size = 0
+        attrs.st_blksize = 4096
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self.stamp_ns
+        attrs.entry_timeout = attrs.attr_timeout = ATTR_TIMEOUT
+        attrs.generation = 0
+        return attrs
+
+    # -- namespace ----------------------------------------------------------------------------
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent = self._node(parent_inode)
+        if name == b".":
+            return self._attrs(parent)
+        child = parent.children.get(name)
+        if child is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return self._attrs(child)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._attrs(self._node(inode))
+
+    async def setattr(self, inode, attr, fields, fh, ctx) -> pyfuse3.EntryAttributes:
+        node = self._node(inode)
+        if fields.update_mode or fields.update_uid or fields.update_gid:
+            raise pyfuse3.FUSEError(errno.EPERM)  # nodes are fixed at mount time (see README)
+        if fields.update_size and stat.S_ISDIR(node.mode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        return self._attrs(node)  # truncation and times are ignored, as on a character device
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        node = self._node(inode)
+        if not stat.S_ISDIR(node.mode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        children = list(self._node(fh).children.values())
+        for position, child in enumerate(children[start_id:], start_id + 1):
+            if not pyfuse3.readdir_reply(token, child.name, self._attrs(child), position):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    # -- handles ------------------------------------------------------------------------------
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.opener is None:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        try:
+            fh = node.opener()
+        except Exception as exc:
+            raise _failure(exc, "open") from None
+        # direct_io: every read and write reaches the daemon; nothing is cached.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            return self.server.read(fh, off, size)
+        except Exception as exc:
+            raise _failure(exc, "read") from None
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        try:
+            return self.server.write(fh, off, buf)
+        except Exception as exc:
+            raise _failure(exc, "write") from None
+
+    async def flush(self, fh: int) -> None:
+        return None
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        return None
+
+    async def release(self, fh: int) -> None:
+        try:
+            self.server.release(fh)
+        except Exception:  # close always succeeds
+            log.exception("internal error in release")
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = data.f_frsize = 4096
+        data.f_files = len(self.nodes)
+        data.f_namemax = 255
+        return data

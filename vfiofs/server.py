@@ -1,0 +1,134 @@
+"""Mount-wide bookkeeping of open handles, and the control mailbox in front of them.
+
+The FUSE adapter turns each request into one call here — open, read, write, release
+with a file handle number — and gets bytes or a :class:`VfioError` back. This module
+owns the fh table, each handle's unforgeable token (what fd arguments are resolved
+against) and each handle's reply slots; what a handle may *do* is decided by
+:mod:`vfiofs.state`. No FUSE, no event loop: unit tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import secrets
+from collections import OrderedDict
+from typing import Sequence, Union
+
+from . import protocol
+from .errors import VfioError
+from .protocol import FD_FOREIGN, FD_HANDLE, OP_GET_TOKEN, Request
+from .state import FOREIGN_FD, Device, DeviceFile, IoctlArg, IommuFile
+from .usermem import UserBuffer
+
+Handle = Union[DeviceFile, IommuFile]
+
+#: Replies a handle keeps for slots that were never read back (oldest dropped first).
+MAX_PENDING_REPLIES = 1024
+
+
+class OpenFile:
+    """A handle plus what the transport keeps for it."""
+
+    __slots__ = ("handle", "token", "replies")
+
+    def __init__(self, handle: Handle) -> None:
+        self.handle = handle
+        self.token = secrets.token_bytes(protocol.TOKEN_SIZE)
+        self.replies: OrderedDict[int, bytes] = OrderedDict()
+
+
+class Server:
+    def __init__(self, devices: Sequence[Device]) -> None:
+        self.devices = list(devices)
+        self._files: dict[int, OpenFile] = {}
+        self._by_token: dict[bytes, OpenFile] = {}
+        self._next_fh = itertools.count(1)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def _register(self, handle: Handle) -> int:
+        entry = OpenFile(handle)
+        fh = next(self._next_fh)
+        self._files[fh] = entry
+        self._by_token[entry.token] = entry
+        return fh
+
+    def open_device(self, index: int) -> int:
+        return self._register(DeviceFile(self.devices[index]))
+
+    def open_iommu(self) -> int:
+        return self._register(IommuFile())
+
+    def release(self, fh: int) -> None:
+        entry = self._files.pop(fh, None)
+        if entry is None:
+            return
+        del self._by_token[entry.token]
+        entry.handle.release()
+
+    def handle(self, fh: int) -> Handle:
+        return self._entry(fh).handle
+
+    def _entry(self, fh: int) -> OpenFile:
+        entry = self._files.get(fh)
+        if entry is None:
+            raise VfioError(errno.EBADF, f"no open handle {fh}")
+        return entry
+
+    # -- data path -----------------------------------------------------------------------------
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        entry = self._entry(fh)
+        if protocol.is_control_offset(offset):
+            return self._take_reply(entry, offset, size)
+        return entry.handle.read(offset, size)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        entry = self._entry(fh)
+        if protocol.is_control_offset(offset):
+            return self._control(entry, offset, data)
+        return entry.handle.write(offset, data)
+
+    # -- control mailbox -------------------------------------------------------------------------
+    def _control(self, entry: OpenFile, offset: int, message: bytes) -> int:
+        tag = protocol.slot_tag(offset)
+        entry.replies.pop(tag, None)  # a new request always discards the slot's old reply
+        request = protocol.decode_request(message)
+        result, payload = self._execute(entry, request)
+        if len(entry.replies) >= MAX_PENDING_REPLIES:
+            entry.replies.popitem(last=False)
+        entry.replies[tag] = protocol.encode_reply(
+            protocol.Reply(request.op, request.request, result, payload)
+        )
+        return len(message)
+
+    def _execute(self, entry: OpenFile, request: Request) -> tuple[int, bytes]:
+        if request.op == OP_GET_TOKEN:
+            return 0, entry.token
+        if request.arg_kind == protocol.ARG_BUFFER:
+            buf = UserBuffer(request.payload)
+        else:
+            buf = UserBuffer(None)
+        arg = IoctlArg(buf=buf, value=request.arg_value, files=self._resolve_fds(request))
+        result = entry.handle.ioctl(request.request, arg)
+        return result, bytes(buf.data or b"")
+
+    def _resolve_fds(self, request: Request) -> dict[int, object]:
+        """fd number → handle, or FOREIGN_FD. Unknown tokens are foreign: never guessable."""
+        files: dict[int, object] = {}
+        for fd, ref in request.fds.items():
+            if ref.kind == FD_HANDLE:
+                other = self._by_token.get(ref.token)
+                files[fd] = other.handle if other is not None else FOREIGN_FD
+            elif ref.kind == FD_FOREIGN:
+                files[fd] = FOREIGN_FD
+        return files
+
+    def _take_reply(self, entry: OpenFile, offset: int, size: int) -> bytes:
+        tag = protocol.slot_tag(offset)
+        reply = entry.replies.get(tag)
+        if reply is None:
+            raise VfioError(errno.ENOMSG, "no reply waiting in this slot")
+        if size < len(reply):
+            raise VfioError(errno.EMSGSIZE, f"reply is {len(reply)} bytes, read asked for {size}")
+        del entry.replies[tag]
+        return reply
