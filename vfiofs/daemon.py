@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
+import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import pyfuse3
 import trio
@@ -46,15 +49,39 @@ def serve(
 ) -> None:
     """Mount and serve in this process until SIGINT/SIGTERM; always unmounts."""
     ops = VfioOperations(build_server(definitions), uid=os.getuid(), gid=os.getgid())
-    try:
-        pyfuse3.init(ops, str(mountpoint), mount_options(options))
-    except RuntimeError as exc:
-        raise MountError(f"cannot mount {mountpoint}: {exc} (check the -o options and the mountpoint)") from None
+    with _stderr_captured() as libfuse_said:
+        try:
+            pyfuse3.init(ops, str(mountpoint), mount_options(options))
+            failure = None
+        except RuntimeError as exc:
+            failure = exc
+    if failure is not None:
+        reason = " ".join(libfuse_said()) or str(failure)
+        raise MountError(f"cannot mount {mountpoint}: {reason} (check the -o options and the mountpoint)")
+    for line in libfuse_said():
+        log.warning("libfuse: %s", line)
     try:
         trio.run(_main, on_ready)
     finally:
         pyfuse3.close(unmount=True)
     log.info("unmounted %s", mountpoint)
+
+
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], list[str]]]:
+    """Collect what libfuse prints on fd 2 so a failure can be reported as one line."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        lines: list[str] = []
+        try:
+            yield lambda: lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip())
 
 
 async def _main(on_ready: Callable[[], None] | None) -> None:

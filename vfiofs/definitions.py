@@ -2,7 +2,7 @@
 
 One file defines one device; files are taken in name order and become vfio0, vfio1, …
 A definition that is wrong is refused with the file, the field and the reason, e.g.
-``devices/ram.toml: ram.size: must be a power of two, got 1000``.
+``devices/ram.toml: ram.size: must be a power of two from 4096 to 1073741824, got 1000``.
 
 Format (all numbers may be written in hex):
 

@@ -1,0 +1,25 @@
+"""Fixtures: a fresh real vfiofs mount per test, unmounted even when the test fails."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from support import Mount, is_mounted, start_mount, stop_mount
+
+
+@pytest.fixture
+def mount(tmp_path: Path):
+    """The bundled devices mounted in a temporary directory (vfio0: 64 KiB RAM, vfio1: 1 MiB RAM)."""
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    m: Mount = start_mount(mountpoint)
+    try:
+        yield m
+    finally:
+        alive = m.alive()
+        returncode = stop_mount(m)
+        assert alive, "the daemon died during the test"
+        assert returncode == 0, f"daemon exited with {returncode}"
+        assert not is_mounted(mountpoint), "SIGTERM left the mount behind"
