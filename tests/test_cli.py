@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, is_mounted, start_mount, stop_mount, wait_until
+from support import REPO, errno_of, is_mounted, start_mount, stop_mount, wait_until
 from vfiofs import cli
 
 
@@ -123,7 +123,7 @@ def test_external_unmount_stops_the_daemon(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     m = start_mount(mnt)
-    subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["fusermount3", "-u", str(mnt)], check=True)
     assert m.process.wait(timeout=20) == 0
     assert wait_until(lambda: not is_mounted(mnt))
     stop_mount(m)
@@ -146,3 +146,17 @@ def test_mount_with_definitions_from_a_directory(tmp_path):
             assert dev.get_region_info(0).size == 16 * 1024
     finally:
         assert stop_mount(m) == 0
+
+
+def test_stale_mount_after_a_daemon_crash_is_explained(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = start_mount(mnt)
+    m.process.kill()
+    m.process.wait()
+    try:
+        assert errno_of(os.stat, str(mnt / "iommu")) == errno.ENOTCONN
+        assert_one_line_error(vfiofs("mount", str(mnt)), "stale FUSE mount", f"fusermount3 -u -z {mnt}")
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    assert not is_mounted(mnt)
