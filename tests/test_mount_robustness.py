@@ -220,3 +220,12 @@ def test_permissions_are_enforced_by_the_kernel(public_dir):
         assert _as_nobody(m.device(0)) == "visible"
         assert _as_nobody(m.iommu) == "visible"
         os.close(os.open(m.device(0), os.O_RDWR))  # the owner can
+
+
+def test_client_reports_a_malformed_reply_as_oserror(monkeypatch, mount):
+    """Whatever comes back, the client library raises OSError, as fcntl.ioctl would."""
+    with IommuFd(mount.iommu) as iommu:
+        monkeypatch.setattr(vc.os, "pread", lambda fd, size, offset: b"not a reply at all, definitely")
+        assert errno_of(iommu.ioas_alloc) == errno.EBADMSG
+        # and an fd whose token cannot be read resolves as foreign, not as an exception
+        assert vc.resolve_fd(iommu.fd, iommu.fd).kind == protocol.FD_FOREIGN

@@ -35,6 +35,7 @@ from .abi import (
     vfio_device_info,
     vfio_region_info,
 )
+from .errors import VfioError
 from .protocol import FD_FOREIGN, FD_HANDLE, FD_NOT_OPEN, FdRef
 
 Arg = Union[None, int, bytes, bytearray, memoryview, ctypes.Structure, ctypes.Array]
@@ -53,7 +54,11 @@ def _transact(fd: int, request: protocol.Request, reply_room: int) -> protocol.R
     written = os.pwrite(fd, message, offset)  # the command's errno surfaces here
     if written != len(message):
         raise OSError(errno.EIO, f"short control write ({written} of {len(message)} bytes)")
-    return protocol.decode_reply(os.pread(fd, protocol.REPLY_HEADER_SIZE + reply_room, offset))
+    data = os.pread(fd, protocol.REPLY_HEADER_SIZE + reply_room, offset)
+    try:
+        return protocol.decode_reply(data)
+    except VfioError as exc:  # not a vfiofs reply: callers only ever see OSError
+        raise OSError(exc.errno, f"malformed reply from {fd}: {exc.detail}") from None
 
 
 def handle_token(fd: int) -> bytes:
@@ -74,7 +79,7 @@ def resolve_fd(fd: int, own_fd: int) -> FdRef:
         return FdRef(FD_FOREIGN)
     try:
         return FdRef(FD_HANDLE, handle_token(fd))
-    except (OSError, ValueError):
+    except OSError:
         return FdRef(FD_FOREIGN)  # on the mount but not a handle (e.g. a directory)
 
 
