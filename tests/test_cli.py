@@ -92,10 +92,13 @@ def test_umount_of_something_not_mounted(tmp_path):
 def test_background_mount_and_umount(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    result = vfiofs("mount", str(mnt))
+    log = tmp_path / "vfiofs.log"
+    result = vfiofs("mount", "--log", str(log), str(mnt))
     assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
     try:
         assert is_mounted(mnt)
+        assert f"serving 2 device(s) at {mnt}" in log.read_text()
         assert sorted(os.listdir(mnt / "vfio/devices")) == ["vfio0", "vfio1"]
     finally:
         result = vfiofs("umount", str(mnt))

@@ -394,3 +394,16 @@ def test_reset_flag_follows_the_model():
     with pytest.raises(VfioError) as exc:
         server.read(dev, 0, 4)
     assert exc.value.errno == errno.EIO
+
+
+def test_a_model_returning_the_wrong_size_is_eio(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    w.bind(dev, iommu)
+    w.models[0].bar_read = lambda index, offset, size: b"\0" * (size + 1)
+    with pytest.raises(VfioError) as exc:
+        w.server.read(dev, 0, 4)
+    assert exc.value.errno == errno.EIO
+    w.models[0].bar_read = lambda index, offset, size: None
+    with pytest.raises(VfioError) as exc:
+        w.server.read(dev, 0, 4)
+    assert exc.value.errno == errno.EIO

@@ -167,7 +167,11 @@ class VfioPciDevice:
         index, pos, count = self._locate(offset, count, write=False)
         if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
             return self.config.read(pos, count)
-        return call_model("bar_read", self.model.bar_read, index, pos, count)
+        data = call_model("bar_read", self.model.bar_read, index, pos, count)
+        if not isinstance(data, (bytes, bytearray)) or len(data) != count:
+            log.error("device model returned %r bytes for a %d-byte read", len(data) if data is not None else None, count)
+            raise VfioError(errno.EIO, "device model returned a wrong-sized read")
+        return bytes(data)
 
     def write(self, offset: int, data: bytes) -> int:
         index, pos, count = self._locate(offset, len(data), write=True)
