@@ -163,3 +163,19 @@ def test_stale_mount_after_a_daemon_crash_is_explained(tmp_path):
     finally:
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
     assert not is_mounted(mnt)
+
+
+def test_debug_logs_every_request(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "debug.log"
+    assert vfiofs("mount", "--debug", "--log", str(log), str(mnt)).returncode == 0
+    try:
+        fd = os.open(mnt / "vfio/devices/vfio0", os.O_RDWR)
+        assert errno_of(os.pread, fd, 4, 0) == errno.EINVAL
+        os.close(fd)
+    finally:
+        assert vfiofs("umount", str(mnt)).returncode == 0
+    assert wait_until(lambda: "release fh=" in log.read_text())
+    text = log.read_text()
+    assert "open vfio0" in text and "read fh=1 off=0x0 -> EINVAL: handle is blocked" in text

@@ -35,8 +35,10 @@ class Node:
     opener: Callable[[], int] | None = None  # files only: returns a new fh
 
 
-def _failure(exc: BaseException, what: str) -> pyfuse3.FUSEError:
+def _failure(exc: BaseException, what: str, fh: int = 0, off: int = 0) -> pyfuse3.FUSEError:
     if isinstance(exc, VfioError):
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s fh=%d off=%#x -> %s", what, fh, off, exc)
         return pyfuse3.FUSEError(exc.errno)
     log.exception("internal error in %s", what)
     return pyfuse3.FUSEError(errno.EIO)
@@ -50,6 +52,7 @@ class VfioOperations(pyfuse3.Operations):
     def __init__(self, server: Server, uid: int, gid: int, file_mode: int = 0o600) -> None:
         super().__init__()
         self.server = server
+        self.trace = log.isEnabledFor(logging.DEBUG)  # --debug: one line per request
         self.uid, self.gid = uid, gid
         self.stamp_ns = time.time_ns()
         self.nodes: dict[int, Node] = {}
@@ -137,20 +140,28 @@ class VfioOperations(pyfuse3.Operations):
             fh = node.opener()
         except Exception as exc:
             raise _failure(exc, "open") from None
+        if self.trace:
+            log.debug("open %s pid=%d uid=%d -> fh=%d", node.name.decode(), ctx.pid, ctx.uid, fh)
         # direct_io: every read and write reaches the daemon; nothing is cached.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
-            return self.server.read(fh, off, size)
+            data = self.server.read(fh, off, size)
         except Exception as exc:
-            raise _failure(exc, "read") from None
+            raise _failure(exc, "read", fh, off) from None
+        if self.trace:
+            log.debug("read fh=%d off=%#x size=%d -> %d bytes", fh, off, size, len(data))
+        return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
-            return self.server.write(fh, off, buf)
+            written = self.server.write(fh, off, buf)
         except Exception as exc:
-            raise _failure(exc, "write") from None
+            raise _failure(exc, "write", fh, off) from None
+        if self.trace:
+            log.debug("write fh=%d off=%#x size=%d -> %d", fh, off, len(buf), written)
+        return written
 
     async def flush(self, fh: int) -> None:
         return None
@@ -159,6 +170,8 @@ class VfioOperations(pyfuse3.Operations):
         return None
 
     async def release(self, fh: int) -> None:
+        if self.trace:
+            log.debug("release fh=%d", fh)
         try:
             self.server.release(fh)
         except Exception:  # close always succeeds
