@@ -238,3 +238,17 @@ def test_iommu_node_has_no_read_or_write(mount):
     with IommuFd(mount.iommu) as iommu:
         assert errno_of(os.pread, iommu.fd, 8, 0) == errno.EINVAL
         assert errno_of(os.pwrite, iommu.fd, b"12345678", 0) == errno.EINVAL
+
+
+def test_the_tree_is_fixed(mount):
+    devices = mount.node("vfio/devices")
+    assert sorted(os.listdir(mount.path)) == ["iommu", "vfio"]
+    assert sorted(os.listdir(devices)) == ["vfio0", "vfio1"]
+    assert errno_of(os.mkdir, os.path.join(devices, "new")) == errno.EPERM
+    assert errno_of(os.open, os.path.join(devices, "vfio9"), os.O_CREAT | os.O_RDWR) == errno.EPERM
+    assert errno_of(os.unlink, mount.device(0)) == errno.EPERM
+    assert errno_of(os.rename, mount.device(0), os.path.join(devices, "x")) == errno.EPERM
+    assert errno_of(os.symlink, "vfio0", os.path.join(devices, "link")) == errno.EPERM
+    assert errno_of(os.chmod, mount.device(0), 0o666) == errno.EPERM
+    assert errno_of(os.open, os.path.join(devices, "missing"), os.O_RDWR) == errno.ENOENT
+    assert sorted(os.listdir(devices)) == ["vfio0", "vfio1"]

@@ -116,6 +116,12 @@ class VfioOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         return self._attrs(node)  # truncation and times are ignored, as on a character device
 
+    async def _fixed_tree(self, *args: object) -> None:
+        """The tree is fixed at mount time: nothing can be created, removed or renamed."""
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    create = mknod = mkdir = symlink = link = unlink = rmdir = rename = _fixed_tree
+
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
         if not stat.S_ISDIR(node.mode):
