@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$(readlink -f "$0")")"
 
-packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv)
+packages=(fuse3 libfuse3-dev pkg-config gcc python3-dev python3-venv pciutils)
 
 missing=()
 for pkg in "${packages[@]}"; do

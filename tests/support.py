@@ -60,10 +60,11 @@ class Mount:
 
 
 def start_mount(mountpoint: Path, devices: Path | None = None, options: tuple[str, ...] = (),
-                user: int | None = None) -> Mount:
+                user: int | None = None, state_dir: Path | None = None) -> Mount:
     """Run ``vfiofs mount -f`` in a child and return once it reports the mount ready."""
     read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "vfiofs", "mount", "-f", "--ready-fd", str(write_end), str(mountpoint)]
+    command = [sys.executable, "-m", "vfiofs", "mount", "-f", "--ready-fd", str(write_end), str(mountpoint),
+               "--state-dir", str(state_dir or Path(str(mountpoint) + ".state"))]
     if devices is not None:
         command += ["--devices", str(devices)]
     command += [f"-o{opt}" for opt in options]

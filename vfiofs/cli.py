@@ -39,12 +39,19 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
                        help="FUSE mount options, e.g. allow_other")
+    mount.add_argument("--state-dir", type=Path, default=default_state_dir(),
+                       help="where persistent regions keep their contents (default: %(default)s)")
     mount.add_argument("--log", type=Path, help="in the background, append log messages to this file")
     mount.add_argument("--debug", action="store_true", help="log every request")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     umount = sub.add_parser("umount", help="unmount a vfiofs mount")
     umount.add_argument("mountpoint", type=Path)
     return parser
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "vfiofs"
 
 
 def check_mountpoint(path: Path) -> Path:
@@ -112,7 +119,7 @@ def _run_foreground(args, mountpoint: Path, definitions, options: list[str]) -> 
             os.close(ready_fd)
 
     try:
-        serve(mountpoint, definitions, options, on_ready)
+        serve(mountpoint, definitions, options, on_ready, state_dir=args.state_dir)
     except MountError as exc:
         if ready_fd is not None:
             os.write(ready_fd, f"error: {exc}\n".encode())
@@ -124,7 +131,8 @@ def _spawn_background(args, mountpoint: Path, devices: Path) -> int:
     """Start the daemon as a detached child and return once its mount is ready."""
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "vfiofs", "mount", "-f", "--ready-fd", str(write_end),
-               "--devices", str(devices.resolve()), str(mountpoint)]
+               "--devices", str(devices.resolve()), "--state-dir", str(args.state_dir.resolve()),
+               str(mountpoint)]
     command += [f"-o{opt}" for opt in _split_options(args.options)]
     if args.debug:
         command.append("--debug")

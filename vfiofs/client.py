@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
+import secrets
+import socket
 import threading
 from typing import Union
 
@@ -198,6 +201,39 @@ class VfioDevice(_Node):
 
     def reset(self) -> None:
         self.ioctl(VFIO_DEVICE_RESET)
+
+    def mmap(self, index: int, length: int | None = None, offset: int = 0) -> mmap.mmap:
+        """A shared, writable mapping of region ``index`` (a BAR with VFIO_REGION_INFO_FLAG_MMAP).
+
+        FUSE cannot map a device node, so the daemon passes the region's memory over a
+        one-shot abstract UNIX socket that only this process knows (docs/protocol.md).
+        The mapping stays valid until the handle is closed or the device is reset; after
+        that, touching it raises SIGBUS, as a revoked mapping does.
+        """
+        if length is None:
+            size = self.get_region_info(index).size
+            length = ((size + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1)) - offset
+        name = b"vfiofs-" + secrets.token_hex(16).encode()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as listener:
+            listener.bind(b"\0" + name)
+            listener.listen(1)
+            request = protocol.encode_map_request(index, offset, length, name)
+            _transact(self.fileno(), request, 0)
+            listener.settimeout(10)
+            conn, _ = listener.accept()
+            with conn:
+                _msg, fds, _flags, _addr = socket.recv_fds(conn, 64, 1)
+        if len(fds) != 1:
+            raise OSError(errno.EIO, "the daemon did not pass the region's memory")
+        try:
+            return mmap.mmap(fds[0], length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                             offset=offset)
+        finally:
+            os.close(fds[0])
+
+    def fsync(self) -> None:
+        """Make persistent regions durable (fsync on the bound handle)."""
+        os.fsync(self.fileno())
 
     def read(self, index: int, offset: int, size: int) -> bytes:
         """pread() of region ``index``; may return fewer bytes at the end of a BAR."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -16,6 +17,7 @@ import trio
 
 from .definitions import Definition
 from .fuse_ops import VfioOperations
+from .regions import StateFileError
 from .server import Server
 from .state import Device
 from .vfio_pci import VfioPciDevice
@@ -29,12 +31,24 @@ class MountError(Exception):
     """The mount could not be set up; ``str()`` is a one-line explanation."""
 
 
-def build_server(definitions: Sequence[Definition]) -> Server:
-    devices = [
-        Device(index, definition.name, VfioPciDevice(definition.build()))
-        for index, definition in enumerate(definitions)
-    ]
+def build_server(definitions: Sequence[Definition], state_dir: Path | None = None) -> Server:
+    """Instantiate every device; MountError if a persistent region's state file is unusable."""
+    devices = []
+    try:
+        for index, definition in enumerate(definitions):
+            devices.append(Device(index, definition.name, VfioPciDevice(definition.build(state_dir))))
+    except (StateFileError, ValueError) as exc:
+        for device in devices:
+            device.driver.model.shutdown()
+        raise MountError(str(exc)) from None
     return Server(devices)
+
+
+def raise_fd_limit() -> None:
+    """Each BAR holds a memfd: allow as many open files as the hard limit permits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def mount_options(extra: Sequence[str]) -> set[str]:
@@ -46,9 +60,23 @@ def serve(
     definitions: Sequence[Definition],
     options: Sequence[str] = (),
     on_ready: Callable[[], None] | None = None,
+    state_dir: Path | None = None,
 ) -> None:
     """Mount and serve in this process until SIGINT/SIGTERM; always unmounts."""
-    ops = VfioOperations(build_server(definitions), uid=os.getuid(), gid=os.getgid())
+    raise_fd_limit()
+    server = build_server(definitions, state_dir)
+    try:
+        _serve(server, mountpoint, options, on_ready)
+    finally:
+        for device in server.devices:  # persistent regions are written back on the way out
+            try:
+                device.driver.model.shutdown()
+            except Exception:
+                log.exception("shutting down %s", device.name)
+
+
+def _serve(server: Server, mountpoint: Path, options: Sequence[str], on_ready: Callable[[], None] | None) -> None:
+    ops = VfioOperations(server, uid=os.getuid(), gid=os.getgid())
     with _stderr_captured() as libfuse_said:
         try:
             pyfuse3.init(ops, str(mountpoint), mount_options(options))

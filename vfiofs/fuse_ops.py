@@ -32,7 +32,7 @@ class Node:
     name: bytes
     mode: int
     children: dict[bytes, "Node"] = field(default_factory=dict)
-    opener: Callable[[], int] | None = None  # files only: returns a new fh
+    opener: Callable[[int], int] | None = None  # files only: opener(uid) returns a new fh
 
 
 def _failure(exc: BaseException, what: str, fh: int = 0, off: int = 0) -> pyfuse3.FUSEError:
@@ -67,11 +67,11 @@ class VfioOperations(pyfuse3.Operations):
                 100 + device.index,
                 f"vfio{device.index}".encode(),
                 stat.S_IFREG | file_mode,
-                lambda index=device.index: server.open_device(index),
+                lambda uid, index=device.index: server.open_device(index, uid),
             )
             devices.children[node.name] = node
 
-    def _add(self, inode: int, name: bytes, mode: int, opener: Callable[[], int] | None = None) -> Node:
+    def _add(self, inode: int, name: bytes, mode: int, opener: Callable[[int], int] | None = None) -> Node:
         node = Node(inode, name, mode, opener=opener)
         self.nodes[inode] = node
         return node
@@ -143,7 +143,7 @@ class VfioOperations(pyfuse3.Operations):
         if node.opener is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
         try:
-            fh = node.opener()
+            fh = node.opener(ctx.uid)
         except Exception as exc:
             raise _failure(exc, "open") from None
         if self.trace:
@@ -173,7 +173,10 @@ class VfioOperations(pyfuse3.Operations):
         return None
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        return None
+        try:
+            self.server.fsync(fh)
+        except Exception as exc:
+            raise _failure(exc, "fsync", fh) from None
 
     async def release(self, fh: int) -> None:
         if self.trace:

@@ -1,10 +1,13 @@
 """The interface between vfiofs's generic VFIO layer and a device model.
 
 The kernel separates vfio_main.c from its drivers through ``struct vfio_device_ops``;
-vfiofs separates its core from device models the same way. A model describes its PCI
-identity and BARs and implements this small set of hooks. It knows nothing about FUSE,
-handles or ioctls: the core decides *whether* an access may happen (bound handle, region
-bounds, offsets), the model decides *what* it does.
+vfiofs separates its core from device models the same way. :class:`DeviceModel` is
+both the interface and the data-driven implementation every definition gets: BARs are
+memory (:class:`~vfiofs.regions.BarMemory`) overlaid by the registers the definition
+declares. A Python model subclasses it and overrides what it needs — any hook, or
+``bar_read``/``bar_write`` for any BAR, calling ``super()`` for the rest. Models know
+nothing about FUSE, handles or ioctls: the core decides *whether* an access may happen
+(bound handle, region bounds, memory decoding), the model decides *what* it does.
 
 Hooks run on the daemon's event loop and must not block; they raise
 :class:`vfiofs.errors.VfioError` to fail with a specific errno. Any other exception is
@@ -13,45 +16,39 @@ logged and reported to the caller as EIO — it never takes the daemon down.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
 
+from .regions import BarMemory, RegisterFile
+from .spec import BarSpec, DeviceSpec, PciIdentity
 
-@dataclass(frozen=True)
-class PciIdentity:
-    """What the config-space header says about the function."""
+MSIX_ENTRY_SIZE = 16
+MSIX_VECTOR_CTRL_MASKBIT = 1
 
-    vendor: int
-    device: int
-    subsystem_vendor: int = 0x1AF4
-    subsystem_device: int = 0x1100
-    class_code: int = 0xFF0000  # 24 bits: base class, subclass, prog-if
-    revision: int = 0
-    interrupt_pin: int = 0  # 0 none, 1..4 INTA..INTD
-
-
-@dataclass(frozen=True)
-class Bar:
-    """One implemented base address register."""
-
-    index: int  # 0..5
-    size: int  # bytes, a power of two
-    io: bool = False  # I/O space instead of memory space
-    is_64bit: bool = False
-    prefetchable: bool = False
+__all__ = ["DeviceModel", "PciIdentity", "BarSpec"]
 
 
 class DeviceModel:
-    """Base class of device models (compare ``struct vfio_device_ops``).
+    """A device built from its definition; subclass it for behaviour beyond registers."""
 
-    Subclasses set :attr:`identity` and :attr:`bars` and override the hooks they need.
-    """
-
-    identity: PciIdentity
-    bars: Sequence[Bar] = ()
     #: True if :meth:`reset` resets the function (reported as VFIO_DEVICE_FLAGS_RESET).
     reset_works: bool = True
 
+    def __init__(self, spec: DeviceSpec, state_dir: Path | None = None) -> None:
+        self.spec = spec
+        self.identity = spec.identity
+        self.bars = spec.bars
+        self.memory: dict[int, BarMemory] = {}
+        for bar in spec.bars:
+            state_file = None
+            if bar.persist:
+                if state_dir is None:
+                    raise ValueError(f"{spec.name}: BAR {bar.index} persists but no state directory was given")
+                state_file = state_dir / f"{spec.name}.bar{bar.index}"
+            self.memory[bar.index] = BarMemory(f"{spec.name}.bar{bar.index}", bar.size, state_file)
+        self.registers = {bar.index: RegisterFile(bar.registers) for bar in spec.bars}
+        self._init_msix_table()
+
+    # -- lifecycle hooks (vfio_device_ops) -----------------------------------------------------------
     def open(self) -> None:
         """Called when a handle binds (the kernel's ``open_device``); raise to refuse the bind."""
 
@@ -59,12 +56,40 @@ class DeviceModel:
         """Called when the bound handle is closed (``close_device``); the core resets afterwards."""
 
     def reset(self) -> None:
-        """Return the function to its power-on state (VFIO_DEVICE_RESET, and after close)."""
+        """Power-on state: registers, non-persistent memory; revokes every mapping handed out."""
+        for bar in self.bars:
+            self.memory[bar.index].reset(keep=bar.persist)
+            self.registers[bar.index].reset()
+        self._init_msix_table()
 
+    def sync(self) -> None:
+        """Make persistent BAR contents durable (fsync on the bound handle)."""
+        for memory in self.memory.values():
+            memory.sync()
+
+    def shutdown(self) -> None:
+        """The daemon is stopping: persist and release everything."""
+        for memory in self.memory.values():
+            memory.close()
+
+    # -- BAR access ----------------------------------------------------------------------------------
     def bar_read(self, index: int, offset: int, size: int) -> bytes:
         """Read ``size`` bytes at ``offset`` of BAR ``index``; the core has checked the bounds."""
-        raise NotImplementedError
+        data = bytearray(self.memory[index].read(offset, size))
+        self.registers[index].overlay_read(offset, data)
+        return bytes(data)
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset`` of BAR ``index``; the core has checked the bounds."""
-        raise NotImplementedError
+        self.memory[index].write(offset, data)
+        self.registers[index].apply_write(offset, data)
+
+    def _init_msix_table(self) -> None:
+        """Every MSI-X vector starts masked (PCI spec); the table itself is BAR memory."""
+        cap = self.spec.capability("msix")
+        if cap is None:
+            return
+        ctrl = MSIX_VECTOR_CTRL_MASKBIT.to_bytes(4, "little")
+        memory = self.memory[cap.table_bar]
+        for vector in range(cap.vectors):
+            memory.write(cap.table_offset + vector * MSIX_ENTRY_SIZE + 12, ctrl)

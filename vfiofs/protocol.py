@@ -33,6 +33,7 @@ VERSION = 1
 # --- operations ----------------------------------------------------------------------
 OP_IOCTL = 1  # run a kernel ioctl number with its struct
 OP_GET_TOKEN = 2  # return this handle's unforgeable reference (for fd arguments)
+OP_MAP_REGION = 3  # pass a mappable region's memory to the caller over a UNIX socket
 
 # --- how the ioctl argument is passed --------------------------------------------------
 ARG_NULL = 0  # a NULL pointer: any copy from or to it faults (EFAULT)
@@ -140,7 +141,7 @@ def decode_request(message: bytes) -> Request:
         raise VfioError(errno.EPROTO, f"protocol version {version} not supported (want {VERSION})")
     if hsize != REQUEST_HEADER_SIZE or res0 or res1:
         raise _bad("bad header size or non-zero reserved fields")
-    if op not in (OP_IOCTL, OP_GET_TOKEN):
+    if op not in (OP_IOCTL, OP_GET_TOKEN, OP_MAP_REGION):
         raise VfioError(errno.EPROTO, f"unknown operation {op}")
     if arg_kind not in (ARG_NULL, ARG_BUFFER, ARG_VALUE):
         raise _bad(f"unknown argument kind {arg_kind}")
@@ -159,6 +160,24 @@ def decode_request(message: bytes) -> Request:
             raise _bad("bad fd reference")
         fds[fd] = FdRef(kind, token)
     return Request(op, request, arg_kind, arg_value, bytes(message[pos:]), fds)
+
+
+_MAP = struct.Struct("<IIQQ")  # region index, reserved, offset, length; then the socket name
+MAX_SOCKET_NAME = 107  # sun_path minus the leading NUL of an abstract name
+
+
+def encode_map_request(index: int, offset: int, length: int, socket_name: bytes) -> Request:
+    return Request(OP_MAP_REGION, arg_kind=ARG_BUFFER, payload=_MAP.pack(index, 0, offset, length) + socket_name)
+
+
+def decode_map_request(payload: bytes) -> tuple[int, int, int, bytes]:
+    """(index, offset, length, abstract socket name) of an OP_MAP_REGION payload."""
+    if len(payload) <= _MAP.size or len(payload) > _MAP.size + MAX_SOCKET_NAME:
+        raise _bad("map request needs a region and a socket name of 1-107 bytes")
+    index, reserved, offset, length = _MAP.unpack_from(payload)
+    if reserved:
+        raise _bad("non-zero reserved field in map request")
+    return index, offset, length, bytes(payload[_MAP.size :])
 
 
 def encode_reply(reply: Reply) -> bytes:

@@ -13,11 +13,11 @@ import errno
 import itertools
 import secrets
 from collections import OrderedDict
-from typing import Sequence, Union
+from typing import Callable, Sequence, Union
 
-from . import protocol
+from . import fdpass, protocol
 from .errors import VfioError
-from .protocol import FD_FOREIGN, FD_HANDLE, OP_GET_TOKEN, Request
+from .protocol import FD_FOREIGN, FD_HANDLE, OP_GET_TOKEN, OP_MAP_REGION, Request
 from .state import FOREIGN_FD, Device, DeviceFile, IoctlArg, IommuFile
 from .usermem import UserBuffer
 
@@ -30,34 +30,36 @@ MAX_PENDING_REPLIES = 1024
 class OpenFile:
     """A handle plus what the transport keeps for it."""
 
-    __slots__ = ("handle", "token", "replies")
+    __slots__ = ("handle", "token", "replies", "uid")
 
-    def __init__(self, handle: Handle) -> None:
+    def __init__(self, handle: Handle, uid: int) -> None:
         self.handle = handle
+        self.uid = uid  # who opened it: only that uid's listener may receive region memory
         self.token = secrets.token_bytes(protocol.TOKEN_SIZE)
         self.replies: OrderedDict[int, bytes] = OrderedDict()
 
 
 class Server:
-    def __init__(self, devices: Sequence[Device]) -> None:
+    def __init__(self, devices: Sequence[Device], send_fd: Callable[[bytes, int, int], None] = fdpass.send_fd) -> None:
         self.devices = list(devices)
+        self._send_fd = send_fd
         self._files: dict[int, OpenFile] = {}
         self._by_token: dict[bytes, OpenFile] = {}
         self._next_fh = itertools.count(1)
 
     # -- lifecycle --------------------------------------------------------------------------
-    def _register(self, handle: Handle) -> int:
-        entry = OpenFile(handle)
+    def _register(self, handle: Handle, uid: int) -> int:
+        entry = OpenFile(handle, uid)
         fh = next(self._next_fh)
         self._files[fh] = entry
         self._by_token[entry.token] = entry
         return fh
 
-    def open_device(self, index: int) -> int:
-        return self._register(DeviceFile(self.devices[index]))
+    def open_device(self, index: int, uid: int = 0) -> int:
+        return self._register(DeviceFile(self.devices[index]), uid)
 
-    def open_iommu(self) -> int:
-        return self._register(IommuFile())
+    def open_iommu(self, uid: int = 0) -> int:
+        return self._register(IommuFile(), uid)
 
     def release(self, fh: int) -> None:
         entry = self._files.pop(fh, None)
@@ -88,6 +90,9 @@ class Server:
             return self._control(entry, offset, data)
         return entry.handle.write(offset, data)
 
+    def fsync(self, fh: int) -> None:
+        self._entry(fh).handle.fsync()
+
     # -- control mailbox -------------------------------------------------------------------------
     def _control(self, entry: OpenFile, offset: int, message: bytes) -> int:
         tag = protocol.slot_tag(offset)
@@ -104,6 +109,10 @@ class Server:
     def _execute(self, entry: OpenFile, request: Request) -> tuple[int, bytes]:
         if request.op == OP_GET_TOKEN:
             return 0, entry.token
+        if request.op == OP_MAP_REGION:
+            index, offset, length, name = protocol.decode_map_request(request.payload)
+            self._send_fd(name, entry.handle.map_region(index, offset, length), entry.uid)
+            return 0, b""
         if request.arg_kind == protocol.ARG_BUFFER:
             buf = UserBuffer(request.payload)
         else:

@@ -77,6 +77,12 @@ class IommuFile:
     def write(self, offset: int, data: bytes) -> int:
         raise VfioError(errno.EINVAL, "/dev/iommu has no write")
 
+    def map_region(self, index: int, offset: int, length: int) -> int:
+        raise VfioError(errno.ENODEV, "/dev/iommu has no mmap")
+
+    def fsync(self) -> None:
+        raise VfioError(errno.EINVAL, "/dev/iommu has no fsync")
+
     def release(self) -> None:
         """Nothing to undo: devices bound to the context keep it alive."""
 
@@ -115,6 +121,16 @@ class DeviceFile:
     def write(self, offset: int, data: bytes) -> int:
         self._require_bound()
         return self.device.driver.write(offset, data)
+
+    def map_region(self, index: int, offset: int, length: int) -> int:
+        """The memory behind an mmap of region ``index`` (blocked: EINVAL, like the kernel's mmap)."""
+        self._require_bound()
+        return self.device.driver.map_region(index, offset, length)
+
+    def fsync(self) -> None:
+        """Make the device's persistent regions durable; only the binder may."""
+        self._require_bound()
+        self.device.driver.sync()
 
     # -- BIND (vfio_df_ioctl_bind_iommufd), checks in the kernel's order ---------------------
     def _bind(self, arg: IoctlArg) -> int:

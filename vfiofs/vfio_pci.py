@@ -1,9 +1,9 @@
-"""vfio-pci's behaviour for one emulated function: device ioctls and region access.
+"""vfio-pci's behaviour for one emulated function: device ioctls, regions, mmap, reset.
 
-This is the driver half of the split (the kernel's vfio_pci_core.c / vfio_pci_rdwr.c):
-it runs only on a bound handle — the state machine in :mod:`vfiofs.state` has already
-let the request through — and turns VFIO's region and info interface into calls on a
-:class:`vfiofs.model.DeviceModel`.
+This is the driver half of the split (the kernel's vfio_pci_core.c, vfio_pci_rdwr.c,
+vfio_pci_config.c): it runs only on a bound handle — the state machine in
+:mod:`vfiofs.state` has already let the request through — and turns VFIO's region and
+info interface into calls on a :class:`vfiofs.model.DeviceModel`.
 """
 
 from __future__ import annotations
@@ -11,12 +11,14 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import struct
 from typing import Callable, TypeVar
 
 from . import abi
 from .errors import VfioError
-from .model import Bar, DeviceModel
-from .pci_config import PciConfigSpace
+from .model import DeviceModel
+from .pci_config import PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
+from .spec import PAGE_SIZE
 from .usermem import UserBuffer
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,7 @@ T = TypeVar("T")
 
 _R = abi.VFIO_REGION_INFO_FLAG_READ
 _W = abi.VFIO_REGION_INFO_FLAG_WRITE
+_MMAP = abi.VFIO_REGION_INFO_FLAG_MMAP
 
 # Features the vfio core itself owns; without migration/logging ops they are ENOTTY.
 _CORE_FEATURES = {
@@ -53,9 +56,24 @@ def call_model(what: str, hook: Callable[..., T], *args: object) -> T:
         raise VfioError(errno.EIO, f"device model failed in {what}") from None
 
 
-def offsetofend(struct: type[ctypes.Structure], field: str) -> int:
-    descriptor = getattr(struct, field)
+def offsetofend(struct_type: type[ctypes.Structure], field: str) -> int:
+    descriptor = getattr(struct_type, field)
     return descriptor.offset + descriptor.size
+
+
+def page_align(size: int) -> int:
+    return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def chain_caps(caps: list[tuple[int, int, bytes]], base: int) -> bytes:
+    """Region info capabilities (id, version, body) chained with absolute ``next`` offsets."""
+    out = bytearray()
+    for i, (cap_id, version, body) in enumerate(caps):
+        start = base + len(out)
+        length = (8 + len(body) + 7) & ~7
+        nxt = start + length if i + 1 < len(caps) else 0
+        out += struct.pack("<HHI", cap_id, version, nxt) + body + bytes(length - 8 - len(body))
+    return bytes(out)
 
 
 class VfioPciDevice:
@@ -63,12 +81,15 @@ class VfioPciDevice:
 
     def __init__(self, model: DeviceModel) -> None:
         self.model = model
-        self.bars: dict[int, Bar] = {bar.index: bar for bar in model.bars}
-        self.config = PciConfigSpace(model.identity, model.bars)
+        self.spec = model.spec
+        self.config = self._fresh_config()
 
-    # -- lifecycle (vfio_pci_core_enable / _disable) ---------------------------------
+    def _fresh_config(self) -> PciConfigSpace:
+        return PciConfigSpace(self.spec, on_flr=self._function_reset)
+
+    # -- lifecycle (vfio_pci_core_enable / _disable) -----------------------------------------
     def open_device(self) -> None:
-        self.config = PciConfigSpace(self.model.identity, self.model.bars)
+        self.config = self._fresh_config()
         call_model("open", self.model.open)
 
     def close_device(self) -> None:
@@ -78,8 +99,17 @@ class VfioPciDevice:
                 call_model(what, hook)
             except VfioError as exc:
                 log.warning("ignoring %s during close: %s", what, exc)
+        self.config = self._fresh_config()
 
-    # -- ioctls -------------------------------------------------------------------------
+    def _function_reset(self) -> None:
+        """VFIO_DEVICE_RESET and PCIe FLR: power-on state, mappings revoked."""
+        call_model("reset", self.model.reset)
+        self.config = self._fresh_config()
+
+    def sync(self) -> None:
+        call_model("sync", self.model.sync)
+
+    # -- ioctls -------------------------------------------------------------------------------------
     @property
     def num_regions(self) -> int:
         return abi.VFIO_PCI_NUM_REGIONS
@@ -92,7 +122,7 @@ class VfioPciDevice:
         if request == abi.VFIO_DEVICE_RESET:
             if not self.model.reset_works:
                 raise VfioError(errno.EINVAL, "device has no reset")
-            call_model("reset", self.model.reset)
+            self._function_reset()
             return 0
         if request == abi.VFIO_DEVICE_FEATURE:
             return self._feature(arg)
@@ -114,12 +144,28 @@ class VfioPciDevice:
         if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
             return self.config.size, _R | _W
         if index <= abi.VFIO_PCI_BAR5_REGION_INDEX:
-            bar = self.bars.get(index)
-            return (bar.size, _R | _W) if bar else (0, 0)
+            bar = self.spec.bar(index)
+            if bar is None:
+                return 0, 0
+            return bar.size, _R | _W | (_MMAP if bar.mmap else 0)
         if index == abi.VFIO_PCI_ROM_REGION_INDEX:
-            return 0, 0  # no expansion ROM
-        # VGA, and anything past the regions this function has.
+            return (rom_bar_size(self.spec.rom), _R) if self.spec.rom is not None else (0, 0)
+        # VGA (no emulated device decodes legacy VGA ranges), and anything past the regions.
         raise VfioError(errno.EINVAL, f"no region {index}")
+
+    def region_caps(self, index: int) -> list[tuple[int, int, bytes]]:
+        bar = self.spec.bar(index) if index <= abi.VFIO_PCI_BAR5_REGION_INDEX else None
+        caps: list[tuple[int, int, bytes]] = []
+        if bar is None or not bar.mmap:
+            return caps
+        if bar.sparse:
+            body = struct.pack("<II", len(bar.mmap_areas), 0)
+            body += b"".join(struct.pack("<QQ", offset, size) for offset, size in bar.mmap_areas)
+            caps.append((abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, body))
+        msix = self.spec.capability("msix")
+        if msix is not None and msix.table_bar == index:
+            caps.append((abi.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, 1, b""))
+        return caps
 
     def _get_region_info(self, arg: UserBuffer) -> int:
         minsz = offsetofend(abi.vfio_region_info, "offset")
@@ -128,6 +174,16 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, "argsz smaller than vfio_region_info")
         info.size, info.flags = self.region_info(info.index)
         info.offset = abi.VFIO_PCI_INDEX_TO_OFFSET(info.index)
+        caps = self.region_caps(info.index)
+        if caps:
+            chain = chain_caps(caps, minsz)
+            info.flags |= abi.VFIO_REGION_INFO_FLAG_CAPS
+            if info.argsz < minsz + len(chain):
+                info.argsz = minsz + len(chain)  # tell the caller how much room the chain needs
+                info.cap_offset = 0
+            else:
+                arg.copy_to(minsz, chain)
+                info.cap_offset = minsz
         arg.write_struct(info, minsz)
         return 0
 
@@ -145,9 +201,9 @@ class VfioPciDevice:
         where = "the vfio core" if index in _CORE_FEATURES else "vfio-pci"
         raise VfioError(errno.ENOTTY, f"feature {index} not supported by {where}")
 
-    # -- region access (vfio_pci_rw) -----------------------------------------------------
+    # -- region access (vfio_pci_rw) -----------------------------------------------------------
     def _locate(self, offset: int, count: int, write: bool) -> tuple[int, int, int]:
-        """(index, pos, count) of an access, truncated at the end of a BAR."""
+        """(index, pos, count) of an access, truncated at the end of a BAR or ROM."""
         index = abi.VFIO_PCI_OFFSET_TO_INDEX(offset)
         pos = offset & abi.VFIO_PCI_OFFSET_MASK
         if index >= self.num_regions:
@@ -161,15 +217,24 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, f"region {index} is not implemented")
         if pos >= size:
             raise VfioError(errno.EINVAL, f"offset {pos:#x} past the end of region {index}")
+        if index <= abi.VFIO_PCI_BAR5_REGION_INDEX:
+            bar = self.spec.bar(index)
+            assert bar is not None
+            decode = PCI_COMMAND_IO if bar.io else PCI_COMMAND_MEMORY
+            if not self.config.command & decode:
+                raise VfioError(errno.EIO, f"BAR {index} access with decoding disabled in PCI_COMMAND")
         return index, pos, min(count, size - pos)
 
     def read(self, offset: int, count: int) -> bytes:
         index, pos, count = self._locate(offset, count, write=False)
         if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
             return self.config.read(pos, count)
+        if index == abi.VFIO_PCI_ROM_REGION_INDEX:
+            assert self.spec.rom is not None
+            return self.spec.rom[pos : pos + count].ljust(count, b"\0")
         data = call_model("bar_read", self.model.bar_read, index, pos, count)
         if not isinstance(data, (bytes, bytearray)) or len(data) != count:
-            log.error("device model returned %r bytes for a %d-byte read", len(data) if data is not None else None, count)
+            log.error("device model returned a wrong-sized read (wanted %d bytes)", count)
             raise VfioError(errno.EIO, "device model returned a wrong-sized read")
         return bytes(data)
 
@@ -179,3 +244,17 @@ class VfioPciDevice:
             return self.config.write(pos, data)
         call_model("bar_write", self.model.bar_write, index, pos, bytes(data[:count]))
         return count
+
+    # -- mmap (vfio_pci_core_mmap) --------------------------------------------------------------
+    def map_region(self, index: int, offset: int, length: int) -> int:
+        """The memfd behind ``length`` bytes at ``offset`` of BAR ``index``; EINVAL as mmap would."""
+        if index >= self.num_regions:
+            raise VfioError(errno.EINVAL, f"no region {index}")
+        bar = self.spec.bar(index) if index <= abi.VFIO_PCI_BAR5_REGION_INDEX else None
+        if bar is None or not bar.mmap:
+            raise VfioError(errno.EINVAL, f"region {index} cannot be mapped")
+        if offset % PAGE_SIZE or length <= 0 or offset + length > page_align(bar.size):
+            raise VfioError(errno.EINVAL, "mapping not page-aligned or beyond the region")
+        if not any(a <= offset and offset + length <= a + n for a, n in bar.mappable_areas):
+            raise VfioError(errno.EINVAL, "mapping outside the region's sparse mmap areas")
+        return self.model.memory[index].share()
