@@ -56,7 +56,7 @@ def default_state_dir() -> Path:
 
 def check_mountpoint(path: Path) -> Path:
     try:
-        st = path.stat()
+        path.stat()
     except FileNotFoundError:
         raise CliError(f"mountpoint {path} does not exist: create it with 'mkdir -p {path}'") from None
     except OSError as exc:

@@ -84,6 +84,14 @@ class DeviceModel:
         self.memory[index].write(offset, data)
         self.registers[index].apply_write(offset, data)
 
+    def register(self, index: int, offset: int) -> int:
+        """The current value of the register at ``offset`` of BAR ``index`` (the device's view)."""
+        return self.registers[index].values[offset]
+
+    def set_register(self, index: int, offset: int, value: int) -> None:
+        """Set a register from the device side, whatever its access kind says about the driver."""
+        self.registers[index].values[offset] = value
+
     def _init_msix_table(self) -> None:
         """Every MSI-X vector starts masked (PCI spec); the table itself is BAR memory."""
         cap = self.spec.capability("msix")
