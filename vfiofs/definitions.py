@@ -49,10 +49,10 @@ class Definition:
         return self.spec.identity
 
 
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE = re.compile(r"\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*")
 _UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-_MODEL_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MODEL_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 _TOP = {"model", "name", "pci", "ram", "bar", "rom", "capability"}
 _PCI = {"vendor", "device", "subsystem_vendor", "subsystem_device", "class", "revision", "interrupt_pin"}
@@ -87,10 +87,11 @@ class _Reader:
             raise self.fail(f"{prefix}.{extra}" if prefix else extra,
                             f"unknown field (known: {', '.join(sorted(allowed))})")
 
-    def tables(self, data: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    def tables(self, data: dict[str, Any], key: str, field: str | None = None,
+               header: str | None = None) -> list[dict[str, Any]]:
         value = data.get(key, [])
         if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
-            raise self.fail(key, f"must be an array of tables ([[{key}]])")
+            raise self.fail(field or key, f"must be an array of tables ([[{header or key}]])")
         return value
 
     def integer(self, data: dict[str, Any], key: str, field: str, bits: int, default: int | None = None) -> int:
@@ -113,21 +114,27 @@ class _Reader:
         if key not in data and default is None:
             raise self.fail(field, "is required")
         value = data.get(key, default)
-        if value not in choices:
+        if not any(type(value) is type(choice) and value == choice for choice in choices):
             raise self.fail(field, f"must be one of {', '.join(map(str, choices))}, got {value!r}")
         return value
 
-    def size(self, data: dict[str, Any], key: str, field: str, lo: int, hi: int, default: int | None = None) -> int:
+    def byte_count(self, data: dict[str, Any], key: str, field: str, default: int | None = None) -> int:
+        """A byte count written as an integer or as a string such as "64KiB"."""
         if key not in data and default is None:
             raise self.fail(field, "is required")
         value = data.get(key, default)
         if isinstance(value, str):
-            match = _SIZE.match(value)
+            match = _SIZE.fullmatch(value)
             if not match:
                 raise self.fail(field, f"must be a byte count such as 4096 or \"64KiB\", got {value!r}")
-            value = int(match.group(1)) * _UNITS[match.group(2)]
-        elif not isinstance(value, int) or isinstance(value, bool):
+            return int(match.group(1)) * _UNITS[match.group(2)]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise self.fail(field, f"must be a byte count, got {value!r}")
+        return value
+
+    def size(self, data: dict[str, Any], key: str, field: str, lo: int, hi: int, default: int | None = None) -> int:
+        """A power-of-two byte count from ``lo`` to ``hi``."""
+        value = self.byte_count(data, key, field, default)
         if value & (value - 1) or not lo <= value <= hi:
             raise self.fail(field, f"must be a power of two from {lo} to {hi}, got {value}")
         return value
@@ -160,8 +167,7 @@ def _areas(reader: _Reader, value: Any, field: str, size: int) -> tuple[tuple[in
             raise reader.fail(f, "must be a table {offset = ..., size = ...}")
         reader.known(item, {"offset", "size"}, f)
         offset = reader.integer(item, "offset", f"{f}.offset", 64)
-        length = reader.integer(item, "size", f"{f}.size", 64) if not isinstance(item.get("size"), str) else \
-            reader.size(item, "size", f"{f}.size", PAGE_SIZE, 1 << 40)
+        length = reader.byte_count(item, "size", f"{f}.size")
         if offset % PAGE_SIZE or length % PAGE_SIZE or length == 0 or offset + length > size:
             raise reader.fail(f, f"must be page-aligned ({PAGE_SIZE}), non-empty and inside the BAR")
         areas.append((offset, length))
@@ -174,7 +180,7 @@ def _areas(reader: _Reader, value: Any, field: str, size: int) -> tuple[tuple[in
 
 def _registers(reader: _Reader, bar: dict[str, Any], field: str, size: int) -> tuple[Register, ...]:
     registers = []
-    for i, raw in enumerate(reader.tables(bar, "register")):
+    for i, raw in enumerate(reader.tables(bar, "register", f"{field}.register", "bar.register")):
         f = f"{field}.register[{i}]"
         reader.known(raw, _REGISTER, f)
         width = reader.choice(raw, "width", f"{f}.width", (1, 2, 4, 8), 4)
@@ -274,10 +280,13 @@ def _capabilities(reader: _Reader, data: dict[str, Any], bars: tuple[BarSpec, ..
             vectors = reader.integer(raw, "vectors", f"{f}.vectors", 12, 1)
             if not 1 <= vectors <= 2048:
                 raise reader.fail(f"{f}.vectors", f"must be 1-2048, got {vectors}")
-            placed = {}
+            placed: dict[str, tuple[int, int]] = {}
             for what, length in (("table", 16 * vectors), ("pba", 8 * ((vectors + 63) // 64))):
-                bar_index = reader.integer(raw, f"{what}_bar", f"{f}.{what}_bar", 8, 0)
-                where = reader.integer(raw, f"{what}_offset", f"{f}.{what}_offset", 32, 0)
+                bar_index = reader.integer(raw, f"{what}_bar", f"{f}.{what}_bar", 8, placed.get("table", (0, 0))[0])
+                default = 0
+                if what == "pba" and bar_index == placed["table"][0]:
+                    default = placed["table"][1] + 16 * vectors  # right after the table
+                where = reader.integer(raw, f"{what}_offset", f"{f}.{what}_offset", 32, default)
                 bar = by_index.get(bar_index)
                 if bar is None or bar.io:
                     raise reader.fail(f"{f}.{what}_bar", f"BAR {bar_index} is not an implemented memory BAR")
@@ -285,6 +294,9 @@ def _capabilities(reader: _Reader, data: dict[str, Any], bars: tuple[BarSpec, ..
                     raise reader.fail(f"{f}.{what}_offset", f"must be 8-byte aligned and leave {length} bytes "
                                       f"inside BAR {bar_index}")
                 placed[what] = (bar_index, where)
+            (t_bar, t_off), (p_bar, p_off) = placed["table"], placed["pba"]
+            if t_bar == p_bar and t_off < p_off + 8 * ((vectors + 63) // 64) and p_off < t_off + 16 * vectors:
+                raise reader.fail(f"{f}.pba_offset", "the PBA overlaps the MSI-X table")
             cap = Capability(kind, offset, vectors=vectors, table_bar=placed["table"][0],
                              table_offset=placed["table"][1], pba_bar=placed["pba"][0], pba_offset=placed["pba"][1])
         caps.append(cap)
@@ -292,9 +304,9 @@ def _capabilities(reader: _Reader, data: dict[str, Any], bars: tuple[BarSpec, ..
 
 
 def _model(reader: _Reader, model: Any) -> Callable[..., DeviceModel]:
-    if model in MODELS:
+    if isinstance(model, str) and model in MODELS:
         return MODELS[model]
-    if isinstance(model, str) and _MODEL_PATH.match(model):
+    if isinstance(model, str) and _MODEL_PATH.fullmatch(model):
         module_name, class_name = model.split(":")
         try:
             cls = getattr(importlib.import_module(module_name), class_name)
@@ -310,7 +322,7 @@ def _model(reader: _Reader, model: Any) -> Callable[..., DeviceModel]:
 def _ram_shorthand(reader: _Reader, data: dict[str, Any]) -> tuple[BarSpec, ...]:
     """``model = "ram"`` with ``[ram] size``: one mappable memory BAR0."""
     if "bar" in data:
-        raise reader.fail("ram", "use either [ram] or [[bar]], not both")
+        raise reader.fail("bar", "model = \"ram\" defines its BAR with [ram]; use [[bar]] without it")
     section = reader.table(data, "ram", {"size"})
     size = reader.size(section, "size", "ram.size", PAGE_SIZE, 1 << 30, 64 * 1024)
     return (BarSpec(index=0, size=size, mmap=True),)
@@ -332,7 +344,7 @@ def load_definition(path: Path) -> Definition:
     model = data.get("model", "generic")
     factory = _model(reader, model)
     name = data.get("name", path.stem)
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise reader.fail("name", f"must be 1-64 letters, digits, '.', '_' or '-', got {name!r}")
     if "ram" in data and model != "ram":
         raise reader.fail("ram", "only goes with model = \"ram\"")

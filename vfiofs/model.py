@@ -38,13 +38,17 @@ class DeviceModel:
         self.identity = spec.identity
         self.bars = spec.bars
         self.memory: dict[int, BarMemory] = {}
-        for bar in spec.bars:
-            state_file = None
-            if bar.persist:
-                if state_dir is None:
-                    raise ValueError(f"{spec.name}: BAR {bar.index} persists but no state directory was given")
-                state_file = state_dir / f"{spec.name}.bar{bar.index}"
-            self.memory[bar.index] = BarMemory(f"{spec.name}.bar{bar.index}", bar.size, state_file)
+        try:
+            for bar in spec.bars:
+                state_file = None
+                if bar.persist:
+                    if state_dir is None:
+                        raise ValueError(f"{spec.name}: BAR {bar.index} persists but no state directory was given")
+                    state_file = state_dir / f"{spec.name}.bar{bar.index}"
+                self.memory[bar.index] = BarMemory(f"{spec.name}.bar{bar.index}", bar.size, state_file)
+        except BaseException:
+            self.shutdown()  # release the BARs already built
+            raise
         self.registers = {bar.index: RegisterFile(bar.registers) for bar in spec.bars}
         self._init_msix_table()
 
@@ -75,14 +79,19 @@ class DeviceModel:
     # -- BAR access ----------------------------------------------------------------------------------
     def bar_read(self, index: int, offset: int, size: int) -> bytes:
         """Read ``size`` bytes at ``offset`` of BAR ``index``; the core has checked the bounds."""
+        registers = self.registers[index]
+        if not registers.registers:
+            return self.memory[index].read(offset, size)
         data = bytearray(self.memory[index].read(offset, size))
-        self.registers[index].overlay_read(offset, data)
+        registers.overlay_read(offset, data)
         return bytes(data)
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset`` of BAR ``index``; the core has checked the bounds."""
         self.memory[index].write(offset, data)
-        self.registers[index].apply_write(offset, data)
+        registers = self.registers[index]
+        if registers.registers:
+            registers.apply_write(offset, data)
 
     def register(self, index: int, offset: int) -> int:
         """The current value of the register at ``offset`` of BAR ``index`` (the device's view)."""

@@ -103,6 +103,9 @@ class BarMemory:
         os.fsync(self._state_fd)
 
     def close(self) -> None:
+        """Persist and release; closing twice is harmless."""
+        if self.fd < 0:
+            return
         self.sync()
         for fd in (self.fd, self._state_fd):
             if fd is not None:

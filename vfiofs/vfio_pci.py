@@ -83,6 +83,9 @@ class VfioPciDevice:
         self.model = model
         self.spec = model.spec
         self.config = self._fresh_config()
+        # Hot path: implemented BARs by index, with the COMMAND bit that gates them.
+        self._bars = {bar.index: (bar.size, PCI_COMMAND_IO if bar.io else PCI_COMMAND_MEMORY)
+                      for bar in self.spec.bars}
 
     def _fresh_config(self) -> PciConfigSpace:
         return PciConfigSpace(self.spec, on_flr=self._function_reset)
@@ -203,7 +206,7 @@ class VfioPciDevice:
 
     # -- region access (vfio_pci_rw) -----------------------------------------------------------
     def _locate(self, offset: int, count: int, write: bool) -> tuple[int, int, int]:
-        """(index, pos, count) of an access, truncated at the end of a BAR or ROM."""
+        """(index, pos, count) of a config or ROM access (implemented BARs take _bar_access)."""
         index = abi.VFIO_PCI_OFFSET_TO_INDEX(offset)
         pos = offset & abi.VFIO_PCI_OFFSET_MASK
         if index >= self.num_regions:
@@ -217,32 +220,53 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, f"region {index} is not implemented")
         if pos >= size:
             raise VfioError(errno.EINVAL, f"offset {pos:#x} past the end of region {index}")
-        if index <= abi.VFIO_PCI_BAR5_REGION_INDEX:
-            bar = self.spec.bar(index)
-            assert bar is not None
-            decode = PCI_COMMAND_IO if bar.io else PCI_COMMAND_MEMORY
-            if not self.config.command & decode:
-                raise VfioError(errno.EIO, f"BAR {index} access with decoding disabled in PCI_COMMAND")
+        return index, pos, min(count, size - pos)
+
+    def _bar_access(self, offset: int, count: int) -> tuple[int, int, int] | None:
+        """(index, pos, count) for an access to an implemented BAR, else None (the slow path)."""
+        index = offset >> abi.VFIO_PCI_OFFSET_SHIFT
+        bar = self._bars.get(index)
+        if bar is None:
+            return None
+        size, decode = bar
+        pos = offset & abi.VFIO_PCI_OFFSET_MASK
+        if pos >= size:
+            raise VfioError(errno.EINVAL, f"offset {pos:#x} past the end of region {index}")
+        if not self.config.data[4] & decode:  # low byte of PCI_COMMAND
+            raise VfioError(errno.EIO, f"BAR {index} access with decoding disabled in PCI_COMMAND")
         return index, pos, min(count, size - pos)
 
     def read(self, offset: int, count: int) -> bytes:
+        access = self._bar_access(offset, count)
+        if access is not None:
+            index, pos, count = access
+            try:
+                data = self.model.bar_read(index, pos, count)
+            except VfioError:
+                raise
+            except Exception:
+                log.exception("device model failed in bar_read")
+                raise VfioError(errno.EIO, "device model failed in bar_read") from None
+            if type(data) is not bytes or len(data) != count:
+                if not isinstance(data, (bytes, bytearray)) or len(data) != count:
+                    log.error("device model returned a wrong-sized read (wanted %d bytes)", count)
+                    raise VfioError(errno.EIO, "device model returned a wrong-sized read")
+                data = bytes(data)
+            return data
         index, pos, count = self._locate(offset, count, write=False)
         if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
             return self.config.read(pos, count)
-        if index == abi.VFIO_PCI_ROM_REGION_INDEX:
-            assert self.spec.rom is not None
-            return self.spec.rom[pos : pos + count].ljust(count, b"\0")
-        data = call_model("bar_read", self.model.bar_read, index, pos, count)
-        if not isinstance(data, (bytes, bytearray)) or len(data) != count:
-            log.error("device model returned a wrong-sized read (wanted %d bytes)", count)
-            raise VfioError(errno.EIO, "device model returned a wrong-sized read")
-        return bytes(data)
+        assert index == abi.VFIO_PCI_ROM_REGION_INDEX and self.spec.rom is not None
+        return self.spec.rom[pos : pos + count].ljust(count, b"\0")
 
     def write(self, offset: int, data: bytes) -> int:
-        index, pos, count = self._locate(offset, len(data), write=True)
-        if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
+        access = self._bar_access(offset, len(data))
+        if access is None:
+            index, pos, count = self._locate(offset, len(data), write=True)
+            assert index == abi.VFIO_PCI_CONFIG_REGION_INDEX  # everything else is refused or a BAR
             return self.config.write(pos, data)
-        call_model("bar_write", self.model.bar_write, index, pos, bytes(data[:count]))
+        index, pos, count = access
+        call_model("bar_write", self.model.bar_write, index, pos, data if count == len(data) else data[:count])
         return count
 
     # -- mmap (vfio_pci_core_mmap) --------------------------------------------------------------
