@@ -94,8 +94,8 @@ async def test_root_attributes(ops):
     assert attrs.st_ino == ROOT
     assert attrs.st_mode == DIR_MODE
     assert (attrs.st_uid, attrs.st_gid) == (UID, GID)
-    assert attrs.st_nlink == 3  # ".", the entry in the parent, and vfio/..
-    assert set(ops.nodes[ROOT].children) == {b"iommu", b"vfio"}
+    assert attrs.st_nlink == 4  # ".", the entry in the parent, vfio/.. and sys/..
+    assert set(ops.nodes[ROOT].children) == {b"iommu", b"vfio", b"sys"}
 
 
 @pytest.mark.parametrize(
