@@ -344,7 +344,7 @@ def with_kill(process: subprocess.Popen) -> None:
 
 def bound_device(mnt: Path, index: int) -> tuple[IommuFd, VfioDevice]:
     """Open and bind vfio<index>. A previous holder's release arrives asynchronously, so
-    EBUSY is retried for up to 5 s."""
+    EINVAL (the device is still bound through the old handle) is retried for up to 5 s."""
     iommu = IommuFd(mnt / "iommu")
     dev = VfioDevice(mnt / f"vfio/devices/vfio{index}")
     deadline = time.monotonic() + 5
@@ -353,7 +353,7 @@ def bound_device(mnt: Path, index: int) -> tuple[IommuFd, VfioDevice]:
             dev.bind_iommufd(iommu)
             return iommu, dev
         except OSError as exc:
-            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+            if exc.errno != errno.EINVAL or time.monotonic() > deadline:
                 dev.close()
                 iommu.close()
                 raise
