@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,3 +26,12 @@ def mount(tmp_path: Path):
         assert alive, "the daemon died during the test"
         assert returncode == 0, f"daemon exited with {returncode}"
         assert not is_mounted(mountpoint), "SIGTERM left the mount behind"
+
+
+@pytest.fixture
+def public_dir():
+    """A directory every user can traverse (pytest's tmp_path is private to root)."""
+    path = tempfile.mkdtemp(prefix="vfiofs-public-")
+    os.chmod(path, 0o755)
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)

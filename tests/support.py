@@ -95,6 +95,15 @@ def stop_mount(mount: Mount) -> int:
     return mount.process.returncode
 
 
+NOBODY = 65534
+
+
+def as_nobody(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run a /bin/sh script as uid/gid 65534 with no supplementary groups (needs root)."""
+    return subprocess.run(["/bin/sh", "-c", script, "sh", *args], user=NOBODY, group=NOBODY, extra_groups=[],
+                          capture_output=True, text=True, cwd="/")
+
+
 @contextlib.contextmanager
 def mounted(mountpoint: Path, devices: Path | None = None, options: tuple[str, ...] = ()) -> Iterator[Mount]:
     mount = start_mount(mountpoint, devices, options)

@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from support import REPO, errno_of, raw_mmap_errno, start_mount, stop_mount
+from support import REPO, as_nobody, errno_of, raw_mmap_errno, start_mount, stop_mount
 from vfiofs.client import IommuFd, VfioDevice
 from vfiofs.errors import VfioError
 from vfiofs.fdpass import send_fd
@@ -170,9 +170,8 @@ def test_nobody_else_reaches_region_data(mount, bound):
     memfds = [fd for fd in fds if "memfd:vfiofs" in os.readlink(f"/proc/{mount.process.pid}/fd/{fd}")]
     assert memfds
     if os.geteuid() == 0:
-        probe = subprocess.run(["/bin/sh", "-c", '( exec 3<"$1" ) 2>/dev/null && echo opened || echo refused', "sh",
-                                f"/proc/{mount.process.pid}/fd/{memfds[0]}"], user=65534, group=65534,
-                               extra_groups=[], capture_output=True, text=True, cwd="/")
+        probe = as_nobody('( exec 3<"$1" ) 2>/dev/null && echo opened || echo refused',
+                          f"/proc/{mount.process.pid}/fd/{memfds[0]}")
         assert probe.stdout.strip() == "refused"
     ram.close()
 

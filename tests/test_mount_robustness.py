@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from support import REPO, errno_of, mounted, wait_until
+from support import REPO, as_nobody, errno_of, mounted, wait_until
 from vfiofs import client as vc
 from vfiofs import protocol
 from vfiofs.client import IommuFd, VfioDevice, ioctl
@@ -183,23 +182,9 @@ def test_tokens_are_per_handle_and_unguessable(mount):
 
 
 def _as_nobody(path: str) -> str:
-    """What uid/gid 65534 gets for ``path``: 'opened' (read-write), 'visible' (exists) or 'hidden'."""
+    """What uid 65534 gets for ``path``: 'opened' (read-write), 'visible' (exists) or 'hidden'."""
     script = 'if ( exec 3<>"$1" ) 2>/dev/null; then echo opened; elif [ -e "$1" ]; then echo visible; else echo hidden; fi'
-    result = subprocess.run(["/bin/sh", "-c", script, "sh", path], user=65534, group=65534, extra_groups=[],
-                            capture_output=True, text=True, cwd="/")
-    return result.stdout.strip()
-
-
-@pytest.fixture
-def public_dir():
-    """A directory every user can traverse (pytest's tmp_path is private to root)."""
-    import shutil
-    import tempfile
-
-    path = tempfile.mkdtemp(prefix="vfiofs-perm-")
-    os.chmod(path, 0o755)
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
+    return as_nobody(script, path).stdout.strip()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")

@@ -9,13 +9,12 @@ import re
 import shutil
 import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pyfuse3
 import pytest
 
-from support import errno_of, mounted
+from support import as_nobody, errno_of, mounted
 from vfiofs import sysfs
 from vfiofs.daemon import build_server
 from vfiofs.definitions import bundled_directory, load_directory
@@ -521,15 +520,6 @@ def test_lspci_dumps_config_space(mount, tree):
     assert bytes(data) == tree[f"{PCI}/0000:00:03.0/config"].content
 
 
-@pytest.fixture
-def public_dir():
-    """A directory every user can traverse (pytest's tmp_path is private to root)."""
-    path = tempfile.mkdtemp(prefix="vfiofs-sysfs-")
-    os.chmod(path, 0o755)
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid needs root")
 def test_other_users_can_read_sysfs_with_allow_other(public_dir, tree):
     mnt = public_dir / "mnt"
@@ -537,12 +527,11 @@ def test_other_users_can_read_sysfs_with_allow_other(public_dir, tree):
     with mounted(mnt, options=("allow_other",)) as m:
         config = str(m.path / PCI / "0000:00:03.0" / "config")
         script = 'cat "$1" | od -An -v -tx1 | tr -d " \\n"; if ( exec 3>>"$1" ) 2>/dev/null; then echo " writable"; fi'
-        result = subprocess.run(["/bin/sh", "-c", script, "sh", config], user=65534, group=65534, extra_groups=[],
-                                capture_output=True, text=True, cwd="/")
+        result = as_nobody(script, config)
         assert result.stdout == tree[f"{PCI}/0000:00:03.0/config"].content.hex()
         assert result.stderr == ""
         if shutil.which("lspci"):
-            as_nobody = blocks(lspci(m.path, "-vvv", "-nn", user=65534))
-            assert_in_order(as_nobody["00:03.0"], SHOWCASE)
+            seen = blocks(lspci(m.path, "-vvv", "-nn", user=65534))
+            assert_in_order(seen["00:03.0"], SHOWCASE)
         # The device nodes themselves stay 0600.
         assert stat.S_IMODE(os.stat(m.device(0)).st_mode) == 0o600
