@@ -27,11 +27,23 @@ MSIX_VECTOR_CTRL_MASKBIT = 1
 __all__ = ["DeviceModel", "PciIdentity", "BarSpec"]
 
 
+class InterruptSink:
+    """Where a model's interrupts go; the core replaces it with the device's interrupt controller."""
+
+    def raise_irq(self, index: int, vector: int = 0) -> None:
+        """An edge interrupt: MSI/MSI-X ``vector``, or the single ERR/REQ trigger."""
+
+    def set_intx(self, asserted: bool) -> None:
+        """The level of the INTx line."""
+
+
 class DeviceModel:
     """A device built from its definition; subclass it for behaviour beyond registers."""
 
     #: True if :meth:`reset` resets the function (reported as VFIO_DEVICE_FLAGS_RESET).
     reset_works: bool = True
+    #: Set by the core: interrupts raised through it reach the binder's eventfds.
+    interrupts: InterruptSink = InterruptSink()
 
     def __init__(self, spec: DeviceSpec, state_dir: Path | None = None) -> None:
         self.spec = spec
@@ -51,6 +63,18 @@ class DeviceModel:
             raise
         self.registers = {bar.index: RegisterFile(bar.registers) for bar in spec.bars}
         self._init_msix_table()
+
+    # -- interrupts (the model's side) ---------------------------------------------------------------
+    def raise_irq(self, index: int, vector: int = 0) -> None:
+        """Send MSI/MSI-X message ``vector`` (index 1/2), or trigger ERR (3) / REQ (4)."""
+        self.interrupts.raise_irq(index, vector)
+
+    def assert_intx(self) -> None:
+        """Drive INTx active (level-triggered: stays asserted until :meth:`deassert_intx`)."""
+        self.interrupts.set_intx(True)
+
+    def deassert_intx(self) -> None:
+        self.interrupts.set_intx(False)
 
     # -- lifecycle hooks (vfio_device_ops) -----------------------------------------------------------
     def open(self) -> None:
