@@ -245,7 +245,7 @@ def test_decode_rejects_bad_header_size_or_reserved(offset, fmt, value):
     assert decode_errno(patched(valid_request(), offset, fmt, value)) == errno.EBADMSG
 
 
-@pytest.mark.parametrize("op", [0, 4, 0xFFFF_FFFF])
+@pytest.mark.parametrize("op", [0, 5, 0xFFFF_FFFF])
 def test_decode_rejects_unknown_op(op):
     assert decode_errno(patched(valid_request(), OP_AT, "<I", op)) == errno.EPROTO
 
@@ -298,14 +298,14 @@ def test_decode_accepts_empty_payload_for_non_buffer_arg(op):
     "refs",
     [
         fdref(3, 0),  # kind 0 is not a kind
-        fdref(3, 4),
+        fdref(3, 5),
         fdref(3, 0xFFFF_FFFF),
         fdref(-1, FD_FOREIGN),
         fdref(-(2**31), FD_HANDLE, TOKEN_A),
         fdref(3, FD_HANDLE, TOKEN_A) + fdref(3, FD_FOREIGN),  # duplicate fd
         fdref(4, FD_NOT_OPEN) + fdref(4, FD_NOT_OPEN),
     ],
-    ids=["kind-0", "kind-4", "kind-max", "fd-minus-1", "fd-int-min", "dup-fd", "dup-identical"],
+    ids=["kind-0", "kind-5", "kind-max", "fd-minus-1", "fd-int-min", "dup-fd", "dup-identical"],
 )
 def test_decode_rejects_bad_fd_reference(refs):
     header = encode_request(Request(OP_IOCTL, 1, ARG_NULL))

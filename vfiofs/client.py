@@ -15,10 +15,11 @@ import mmap
 import os
 import secrets
 import socket
+import struct
 import threading
 from typing import Union
 
-from . import protocol
+from . import fdpass, protocol
 from .abi import *  # noqa: F401,F403 - the kernel ABI is part of the client API
 from .abi import (
     VFIO_DEVICE_ATTACH_IOMMUFD_PT,
@@ -27,6 +28,14 @@ from .abi import (
     VFIO_DEVICE_GET_INFO,
     VFIO_DEVICE_GET_REGION_INFO,
     VFIO_DEVICE_RESET,
+    VFIO_DEVICE_GET_IRQ_INFO,
+    VFIO_DEVICE_SET_IRQS,
+    VFIO_IRQ_SET_ACTION_TRIGGER,
+    VFIO_IRQ_SET_ACTION_UNMASK,
+    VFIO_IRQ_SET_DATA_BOOL,
+    VFIO_IRQ_SET_DATA_EVENTFD,
+    VFIO_IRQ_SET_DATA_NONE,
+    VFIO_PCI_INTX_IRQ_INDEX,
     IOMMU_DESTROY,
     IOMMU_IOAS_ALLOC,
     VFIO_PCI_INDEX_TO_OFFSET,
@@ -36,6 +45,8 @@ from .abi import (
     vfio_device_bind_iommufd,
     vfio_device_detach_iommufd_pt,
     vfio_device_info,
+    vfio_irq_info,
+    vfio_irq_set,
     vfio_region_info,
 )
 from .errors import VfioError
@@ -86,6 +97,46 @@ def resolve_fd(fd: int, own_fd: int) -> FdRef:
         return FdRef(FD_FOREIGN)  # on the mount but not a handle (e.g. a directory)
 
 
+_channels: dict[int, bytes] = {}  # st_dev of a mount → its fd channel name
+
+
+def _channel_name(fd: int) -> bytes:
+    dev = os.fstat(fd).st_dev
+    name = _channels.get(dev)
+    if name is None:
+        name = _transact(fd, protocol.Request(op=protocol.OP_FD_CHANNEL), protocol.MAX_MESSAGE).payload
+        _channels[dev] = name
+    return name
+
+
+def _pass_eventfds(fd: int, payload: bytes) -> dict[int, FdRef]:
+    """SET_IRQS with DATA_EVENTFD: the daemon must signal these eventfds itself, so the
+    descriptors travel to it (SCM_RIGHTS) before the command names them."""
+    if len(payload) < ctypes.sizeof(vfio_irq_set):
+        return {}
+    hdr = vfio_irq_set.from_buffer_copy(payload)
+    if not hdr.flags & VFIO_IRQ_SET_DATA_EVENTFD:
+        return {}
+    count = min(hdr.count, (len(payload) - ctypes.sizeof(vfio_irq_set)) // 4)
+    numbers = struct.unpack_from(f"<{count}i", payload, ctypes.sizeof(vfio_irq_set))
+    refs: dict[int, FdRef] = {}
+    send: dict[int, int] = {}
+    parcel = secrets.token_bytes(16)
+    for number in numbers:
+        if number < 0 or number in refs:
+            continue
+        try:
+            os.fstat(number)
+        except OSError:
+            refs[number] = FdRef(FD_NOT_OPEN)
+            continue
+        refs[number] = FdRef(protocol.FD_PASSED, parcel)
+        send[number] = number
+    if send:
+        fdpass.deposit(_channel_name(fd), parcel, send)
+    return refs
+
+
 def ioctl(fd: int, request: int, arg: Arg = None) -> int:
     """Run ioctl ``request`` on a vfiofs handle; returns what the kernel would return.
 
@@ -102,7 +153,7 @@ def ioctl(fd: int, request: int, arg: Arg = None) -> int:
     else:
         view = memoryview(arg).cast("B")
         payload = bytes(view)
-        fds = {}
+        fds = _pass_eventfds(fd, payload) if request == VFIO_DEVICE_SET_IRQS else {}
         for field_offset in FD_FIELDS.get(request, ()):
             if len(payload) >= field_offset + 4:
                 number = int.from_bytes(payload[field_offset : field_offset + 4], "little", signed=True)
@@ -201,6 +252,38 @@ class VfioDevice(_Node):
 
     def reset(self) -> None:
         self.ioctl(VFIO_DEVICE_RESET)
+
+    def get_irq_info(self, index: int) -> vfio_irq_info:
+        info = vfio_irq_info(argsz=ctypes.sizeof(vfio_irq_info), index=index)
+        self.ioctl(VFIO_DEVICE_GET_IRQ_INFO, info)
+        return info
+
+    def set_irqs(self, index: int, flags: int, start: int = 0, count: int | None = None,
+                 data: list[int] | bytes | None = None) -> None:
+        """VFIO_DEVICE_SET_IRQS. ``data``: eventfd numbers (DATA_EVENTFD, -1 unassigns) or
+        bools (DATA_BOOL); with DATA_NONE leave it out. ``count`` defaults to len(data)."""
+        if flags & VFIO_IRQ_SET_DATA_EVENTFD:
+            payload = struct.pack(f"<{len(data or [])}i", *(data or []))
+        elif flags & VFIO_IRQ_SET_DATA_BOOL:
+            payload = bytes(data or b"")
+        else:
+            payload = b""
+        if count is None:
+            count = len(data) if data is not None else 0
+        header = vfio_irq_set(argsz=ctypes.sizeof(vfio_irq_set) + len(payload), flags=flags, index=index,
+                              start=start, count=count)
+        self.ioctl(VFIO_DEVICE_SET_IRQS, bytearray(bytes(header) + payload))
+
+    def enable_irq_eventfds(self, index: int, eventfds: list[int], start: int = 0) -> None:
+        """Route vectors ``start``.. of ``index`` to ``eventfds`` (DATA_EVENTFD | ACTION_TRIGGER)."""
+        self.set_irqs(index, VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER, start, data=eventfds)
+
+    def disable_irqs(self, index: int) -> None:
+        """DATA_NONE | ACTION_TRIGGER with count 0: the index goes back to disabled."""
+        self.set_irqs(index, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, 0, 0)
+
+    def unmask_intx(self) -> None:
+        self.set_irqs(VFIO_PCI_INTX_IRQ_INDEX, VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_UNMASK, 0, 1)
 
     def mmap(self, index: int, length: int | None = None, offset: int = 0) -> mmap.mmap:
         """A shared, writable mapping of region ``index`` (a BAR with VFIO_REGION_INFO_FLAG_MMAP).

@@ -16,6 +16,7 @@ import pyfuse3
 import trio
 
 from .definitions import Definition
+from .fdpass import FdChannel
 from .fuse_ops import VfioOperations
 from .regions import StateFileError
 from .server import Server
@@ -41,7 +42,7 @@ def build_server(definitions: Sequence[Definition], state_dir: Path | None = Non
         for device in devices:
             device.driver.model.shutdown()
         raise MountError(str(exc)) from None
-    return Server(devices)
+    return Server(devices, channel=FdChannel())
 
 
 def raise_fd_limit() -> None:
@@ -68,6 +69,8 @@ def serve(
     try:
         _serve(server, mountpoint, options, on_ready)
     finally:
+        if server.channel is not None:
+            server.channel.close()
         for device in server.devices:  # persistent regions are written back on the way out
             try:
                 device.driver.model.shutdown()

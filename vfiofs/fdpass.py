@@ -9,8 +9,11 @@ belongs to the uid that opened the handle before it sends anything.
 from __future__ import annotations
 
 import errno
+import os
+import secrets
 import socket
 import struct
+from collections import OrderedDict
 
 from .errors import VfioError
 
@@ -30,3 +33,126 @@ def send_fd(name: bytes, fd: int, uid: int) -> None:
         raise VfioError(exc.errno or errno.EIO, f"cannot pass the region to the client: {exc.strerror}") from None
     finally:
         sock.close()
+
+
+# -- the other direction: clients hand file descriptors (eventfds) to the daemon ------------------
+
+PARCEL_MAGIC = b"VFFSPRCL"
+PARCEL_ID_SIZE = 16
+MAX_FDS_PER_MESSAGE = 253  # the kernel's SCM_MAX_FD
+MAX_PARCELS = 64
+_PARCEL_HEADER = struct.Struct("<8s16sI")
+
+
+class PassedFd:
+    """A descriptor a client deposited; the daemon holds its own reference until released."""
+
+    __slots__ = ("fd", "is_eventfd", "claimed")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        try:
+            self.is_eventfd = os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+        except OSError:
+            self.is_eventfd = False
+        self.claimed = False
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FdChannel:
+    """A per-mount abstract socket where clients deposit descriptors before the command that uses them.
+
+    A client connects, sends one or more messages — magic, a random 16-byte parcel id,
+    the count, then that many s32 fd numbers (as the client knows them) — each with the
+    descriptors attached, and disconnects. The command's fd table then names the parcel.
+    Nothing here blocks: parcels are collected when a command needs one, and they are
+    already queued because the client sent them before issuing the command.
+    """
+
+    def __init__(self) -> None:
+        self.name = b"vfiofs-fds-" + secrets.token_hex(16).encode()
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        self.sock.bind(b"\0" + self.name)
+        self.sock.listen(64)
+        self._parcels: OrderedDict[bytes, tuple[int, dict[int, PassedFd]]] = OrderedDict()
+
+    def take(self, parcel: bytes, number: int, uid: int) -> PassedFd | None:
+        """The descriptor a client of ``uid`` deposited as ``number`` in ``parcel``."""
+        if parcel not in self._parcels:
+            self._collect()
+        owner, fds = self._parcels.get(parcel, (None, {}))
+        if owner != uid:
+            return None
+        return fds.get(number)
+
+    def discard(self, parcel: bytes) -> None:
+        """The command is over: close what it did not claim."""
+        _, fds = self._parcels.pop(parcel, (None, {}))
+        for passed in fds.values():
+            if not passed.claimed:
+                passed.close()
+
+    def _collect(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            with conn:
+                conn.setblocking(False)
+                _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+                self._receive(conn, uid)
+
+    def _receive(self, conn: socket.socket, uid: int) -> None:
+        while True:
+            try:
+                message, fds, _flags, _addr = socket.recv_fds(conn, 4096, MAX_FDS_PER_MESSAGE)
+            except (BlockingIOError, InterruptedError, OSError):
+                return
+            if not message and not fds:
+                return  # the client is done
+            passed = [PassedFd(fd) for fd in fds]
+            try:
+                magic, parcel, count = _PARCEL_HEADER.unpack_from(message)
+                numbers = struct.unpack_from(f"<{count}i", message, _PARCEL_HEADER.size)
+            except struct.error:
+                magic, parcel, numbers = b"", b"", ()
+            if magic != PARCEL_MAGIC or len(numbers) != len(passed):
+                for p in passed:
+                    p.close()
+                continue
+            owner, table = self._parcels.setdefault(parcel, (uid, {}))
+            if owner != uid:
+                for p in passed:
+                    p.close()
+                continue
+            for number, p in zip(numbers, passed):
+                old = table.pop(number, None)
+                if old is not None:
+                    old.close()
+                table[number] = p
+            while len(self._parcels) > MAX_PARCELS:
+                self.discard(next(iter(self._parcels)))
+
+    def close(self) -> None:
+        for parcel in list(self._parcels):
+            self.discard(parcel)
+        self.sock.close()
+
+
+def deposit(channel_name: bytes, parcel: bytes, fds: dict[int, int]) -> None:
+    """Client side: send ``fds`` (number as the command names it → descriptor) as ``parcel``."""
+    items = list(fds.items())
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(b"\0" + channel_name)
+        for i in range(0, len(items), MAX_FDS_PER_MESSAGE):
+            chunk = items[i : i + MAX_FDS_PER_MESSAGE]
+            header = _PARCEL_HEADER.pack(PARCEL_MAGIC, parcel, len(chunk))
+            numbers = struct.pack(f"<{len(chunk)}i", *(number for number, _ in chunk))
+            socket.send_fds(sock, [header + numbers], [fd for _, fd in chunk])

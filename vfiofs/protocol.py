@@ -34,6 +34,7 @@ VERSION = 1
 OP_IOCTL = 1  # run a kernel ioctl number with its struct
 OP_GET_TOKEN = 2  # return this handle's unforgeable reference (for fd arguments)
 OP_MAP_REGION = 3  # pass a mappable region's memory to the caller over a UNIX socket
+OP_FD_CHANNEL = 4  # the name of the socket where clients deposit descriptors (eventfds)
 
 # --- how the ioctl argument is passed --------------------------------------------------
 ARG_NULL = 0  # a NULL pointer: any copy from or to it faults (EFAULT)
@@ -44,9 +45,10 @@ ARG_VALUE = 2  # an integer argument (ioctls that take a value, not a pointer)
 FD_NOT_OPEN = 1  # no such fd in the caller's table
 FD_FOREIGN = 2  # open, but not a handle of this mount
 FD_HANDLE = 3  # a handle of this mount, named by its token
+FD_PASSED = 4  # the descriptor itself was deposited on the fd channel; token = parcel id
 
 TOKEN_SIZE = 16
-MAX_FDS = 64
+MAX_FDS = 2048  # SET_IRQS may carry one eventfd per MSI-X vector
 
 _REQUEST = struct.Struct("<IHHIIIIQIIQ")  # 48 bytes
 _FDREF = struct.Struct("<iI16s")  # 24 bytes
@@ -141,7 +143,7 @@ def decode_request(message: bytes) -> Request:
         raise VfioError(errno.EPROTO, f"protocol version {version} not supported (want {VERSION})")
     if hsize != REQUEST_HEADER_SIZE or res0 or res1:
         raise _bad("bad header size or non-zero reserved fields")
-    if op not in (OP_IOCTL, OP_GET_TOKEN, OP_MAP_REGION):
+    if op not in (OP_IOCTL, OP_GET_TOKEN, OP_MAP_REGION, OP_FD_CHANNEL):
         raise VfioError(errno.EPROTO, f"unknown operation {op}")
     if arg_kind not in (ARG_NULL, ARG_BUFFER, ARG_VALUE):
         raise _bad(f"unknown argument kind {arg_kind}")
@@ -156,7 +158,7 @@ def decode_request(message: bytes) -> Request:
     for _ in range(nfds):
         fd, kind, token = _FDREF.unpack_from(message, pos)
         pos += FDREF_SIZE
-        if kind not in (FD_NOT_OPEN, FD_FOREIGN, FD_HANDLE) or fd < 0 or fd in fds:
+        if kind not in (FD_NOT_OPEN, FD_FOREIGN, FD_HANDLE, FD_PASSED) or fd < 0 or fd in fds:
             raise _bad("bad fd reference")
         fds[fd] = FdRef(kind, token)
     return Request(op, request, arg_kind, arg_value, bytes(message[pos:]), fds)

@@ -40,9 +40,11 @@ class OpenFile:
 
 
 class Server:
-    def __init__(self, devices: Sequence[Device], send_fd: Callable[[bytes, int, int], None] = fdpass.send_fd) -> None:
+    def __init__(self, devices: Sequence[Device], send_fd: Callable[[bytes, int, int], None] = fdpass.send_fd,
+                 channel: fdpass.FdChannel | None = None) -> None:
         self.devices = list(devices)
         self._send_fd = send_fd
+        self.channel = channel  # where clients deposit eventfds; None: descriptors cannot be passed
         self._files: dict[int, OpenFile] = {}
         self._by_token: dict[bytes, OpenFile] = {}
         self._next_fh = itertools.count(1)
@@ -109,6 +111,10 @@ class Server:
     def _execute(self, entry: OpenFile, request: Request) -> tuple[int, bytes]:
         if request.op == OP_GET_TOKEN:
             return 0, entry.token
+        if request.op == protocol.OP_FD_CHANNEL:
+            if self.channel is None:
+                raise VfioError(errno.EPROTO, "this daemon takes no passed descriptors")
+            return 0, self.channel.name
         if request.op == OP_MAP_REGION:
             index, offset, length, name = protocol.decode_map_request(request.payload)
             self._send_fd(name, entry.handle.map_region(index, offset, length), entry.uid)
@@ -117,12 +123,18 @@ class Server:
             buf = UserBuffer(request.payload)
         else:
             buf = UserBuffer(None)
-        arg = IoctlArg(buf=buf, value=request.arg_value, files=self._resolve_fds(request))
-        result = entry.handle.ioctl(request.request, arg)
+        parcels = {ref.token for ref in request.fds.values() if ref.kind == protocol.FD_PASSED}
+        try:
+            arg = IoctlArg(buf=buf, value=request.arg_value, files=self._resolve_fds(entry, request))
+            result = entry.handle.ioctl(request.request, arg)
+        finally:
+            if self.channel is not None:
+                for parcel in parcels:  # descriptors the command did not keep are closed
+                    self.channel.discard(parcel)
         return result, bytes(buf.data or b"")
 
-    def _resolve_fds(self, request: Request) -> dict[int, object]:
-        """fd number → handle, or FOREIGN_FD. Unknown tokens are foreign: never guessable."""
+    def _resolve_fds(self, entry: OpenFile, request: Request) -> dict[int, object]:
+        """fd number → handle, passed descriptor, or FOREIGN_FD. Unknown tokens are foreign."""
         files: dict[int, object] = {}
         for fd, ref in request.fds.items():
             if ref.kind == FD_HANDLE:
@@ -130,6 +142,10 @@ class Server:
                 files[fd] = other.handle if other is not None else FOREIGN_FD
             elif ref.kind == FD_FOREIGN:
                 files[fd] = FOREIGN_FD
+            elif ref.kind == protocol.FD_PASSED and self.channel is not None:
+                passed = self.channel.take(ref.token, fd, entry.uid)
+                if passed is not None:  # a parcel that never arrived: the fd is as good as closed
+                    files[fd] = passed
         return files
 
     def _take_reply(self, entry: OpenFile, offset: int, size: int) -> bytes:

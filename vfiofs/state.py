@@ -112,7 +112,7 @@ class DeviceFile:
             return self._attach(arg.buf)
         if request == abi.VFIO_DEVICE_DETACH_IOMMUFD_PT:
             return self._detach(arg.buf)
-        return self.device.driver.ioctl(request, arg.buf)
+        return self.device.driver.ioctl(request, arg.buf, arg.files)
 
     def read(self, offset: int, size: int) -> bytes:
         self._require_bound()

@@ -11,13 +11,15 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import os
 import struct
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 from . import abi
 from .errors import VfioError
+from .irq import IrqController, Trigger
 from .model import DeviceModel
-from .pci_config import PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
+from .pci_config import PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
 from .spec import PAGE_SIZE
 from .usermem import UserBuffer
 
@@ -43,6 +45,17 @@ _FEATURE_FLAGS = (
     | abi.VFIO_DEVICE_FEATURE_SET
     | abi.VFIO_DEVICE_FEATURE_PROBE
 )
+
+
+def _signal_eventfd(trigger: Trigger) -> None:
+    try:
+        os.eventfd_write(trigger.fd, 1)
+    except OSError as exc:  # the descriptor is the daemon's own: this should not happen
+        log.warning("cannot signal eventfd %d: %s", trigger.fd, exc)
+
+
+def _release(trigger: Trigger) -> None:
+    trigger.close()  # type: ignore[attr-defined]
 
 
 def call_model(what: str, hook: Callable[..., T], *args: object) -> T:
@@ -86,6 +99,16 @@ class VfioPciDevice:
         # Hot path: implemented BARs by index, with the COMMAND bit that gates them.
         self._bars = {bar.index: (bar.size, PCI_COMMAND_IO if bar.io else PCI_COMMAND_MEMORY)
                       for bar in self.spec.bars}
+        self.irqs = IrqController(self.spec, lambda: self.config, model.memory, _signal_eventfd, _release)
+        model.interrupts = self.irqs
+        msix = self.spec.capability("msix")
+        # BAR index → (table range, PBA range) of the MSI-X structures it holds
+        self._msix_ranges: dict[int, list[tuple[int, int, str]]] = {}
+        if msix is not None:
+            self._msix_ranges.setdefault(msix.table_bar, []).append(
+                (msix.table_offset, msix.table_offset + 16 * msix.vectors, "table"))
+            self._msix_ranges.setdefault(msix.pba_bar, []).append(
+                (msix.pba_offset, msix.pba_offset + 8 * ((msix.vectors + 63) // 64), "pba"))
 
     def _fresh_config(self) -> PciConfigSpace:
         return PciConfigSpace(self.spec, on_flr=self._function_reset)
@@ -97,6 +120,7 @@ class VfioPciDevice:
 
     def close_device(self) -> None:
         """Close and reset; failures are logged, as close must always succeed."""
+        self.irqs.teardown()
         for what, hook in (("close", self.model.close), ("reset", self.model.reset)):
             try:
                 call_model(what, hook)
@@ -105,7 +129,8 @@ class VfioPciDevice:
         self.config = self._fresh_config()
 
     def _function_reset(self) -> None:
-        """VFIO_DEVICE_RESET and PCIe FLR: power-on state, mappings revoked."""
+        """VFIO_DEVICE_RESET and PCIe FLR: power-on state, mappings revoked, interrupts torn down."""
+        self.irqs.teardown()
         call_model("reset", self.model.reset)
         self.config = self._fresh_config()
 
@@ -117,9 +142,13 @@ class VfioPciDevice:
     def num_regions(self) -> int:
         return abi.VFIO_PCI_NUM_REGIONS
 
-    def ioctl(self, request: int, arg: UserBuffer) -> int:
+    def ioctl(self, request: int, arg: UserBuffer, files: Mapping[int, object] = {}) -> int:
         if request == abi.VFIO_DEVICE_GET_INFO:
             return self._get_info(arg)
+        if request == abi.VFIO_DEVICE_GET_IRQ_INFO:
+            return self.irqs.get_irq_info(arg)
+        if request == abi.VFIO_DEVICE_SET_IRQS:
+            return self.irqs.set_irqs(arg, files)
         if request == abi.VFIO_DEVICE_GET_REGION_INFO:
             return self._get_region_info(arg)
         if request == abi.VFIO_DEVICE_RESET:
@@ -264,10 +293,34 @@ class VfioPciDevice:
         if access is None:
             index, pos, count = self._locate(offset, len(data), write=True)
             assert index == abi.VFIO_PCI_CONFIG_REGION_INDEX  # everything else is refused or a BAR
-            return self.config.write(pos, data)
+            return self._config_write(pos, data)
         index, pos, count = access
-        call_model("bar_write", self.model.bar_write, index, pos, data if count == len(data) else data[:count])
+        data = data if count == len(data) else data[:count]
+        msix = self._msix_ranges.get(index)
+        if msix is None:
+            call_model("bar_write", self.model.bar_write, index, pos, data)
+            return count
+        # The PBA is read-only; a write to the table may unmask a vector with a pending message.
+        pba = [(lo, hi) for lo, hi, what in msix if what == "pba" and lo < pos + count and pos < hi]
+        saved = [(lo, self.model.memory[index].read(lo, hi - lo)) for lo, hi in pba]
+        call_model("bar_write", self.model.bar_write, index, pos, data)
+        for lo, contents in saved:
+            self.model.memory[index].write(lo, contents)
+        if any(what == "table" and lo < pos + count and pos < hi for lo, hi, what in msix):
+            self.irqs.deliver_unmasked()
         return count
+
+    def _config_write(self, pos: int, data: bytes) -> int:
+        """Config writes, plus what they mean for interrupts (vfio_basic_config_write & co)."""
+        before = self.config.command & PCI_COMMAND_INTX_DISABLE
+        written = self.config.write(pos, data)
+        after = self.config.command & PCI_COMMAND_INTX_DISABLE
+        if before and not after:
+            self.irqs.unmask_intx()  # vfio-pci treats INTx-disable as mask/unmask
+        elif after and not before:
+            self.irqs.intx_masked = True
+        self.irqs.deliver_unmasked()  # MSI mask bits or the MSI-X function mask may have cleared
+        return written
 
     # -- mmap (vfio_pci_core_mmap) --------------------------------------------------------------
     def map_region(self, index: int, offset: int, length: int) -> int:
