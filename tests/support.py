@@ -15,10 +15,10 @@ from typing import Callable, Iterator
 REPO = Path(__file__).resolve().parent.parent
 
 
-def errno_of(fn: Callable[..., object], *args: object) -> int:
-    """The errno ``fn(*args)`` fails with; fails the test if it succeeds."""
+def errno_of(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
+    """The errno ``fn(*args, **kwargs)`` fails with; fails the test if it succeeds."""
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except OSError as exc:
         return exc.errno
     raise AssertionError(f"{getattr(fn, '__name__', fn)} succeeded, expected an error")
@@ -60,7 +60,7 @@ class Mount:
 
 
 def start_mount(mountpoint: Path, devices: Path | None = None, options: tuple[str, ...] = (),
-                user: int | None = None, state_dir: Path | None = None) -> Mount:
+                user: int | None = None, state_dir: Path | None = None, pythonpath: Path | None = None) -> Mount:
     """Run ``vfiofs mount -f`` in a child and return once it reports the mount ready."""
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "vfiofs", "mount", "-f", "--ready-fd", str(write_end), str(mountpoint),
@@ -68,7 +68,12 @@ def start_mount(mountpoint: Path, devices: Path | None = None, options: tuple[st
     if devices is not None:
         command += ["--devices", str(devices)]
     command += [f"-o{opt}" for opt in options]
-    process = subprocess.Popen(command, pass_fds=(write_end,), cwd=REPO, stderr=subprocess.PIPE, user=user)
+    env = None
+    if pythonpath is not None:  # where the daemon finds Python models the definitions name
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(pythonpath),
+                                                                        os.environ.get("PYTHONPATH")])))
+    process = subprocess.Popen(command, pass_fds=(write_end,), cwd=REPO, stderr=subprocess.PIPE, user=user,
+                               env=env)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
         status = pipe.read()

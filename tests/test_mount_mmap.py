@@ -284,14 +284,7 @@ def test_python_model_sees_the_buffer_filled_through_the_mapping(tmp_path):
     (tmp_path / "checksum_model.py").write_text(DOORBELL_MODEL)
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    env_path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = f"{tmp_path}:{env_path}" if env_path else str(tmp_path)
-    try:
-        m = start_mount(mnt, devices=devices)
-    finally:
-        os.environ["PYTHONPATH"] = env_path
-        if not env_path:
-            del os.environ["PYTHONPATH"]
+    m = start_mount(mnt, devices=devices, pythonpath=tmp_path)
     try:
         with IommuFd(m.iommu) as iommu, VfioDevice(m.device(0)) as dev:
             dev.bind_iommufd(iommu)

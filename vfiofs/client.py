@@ -97,16 +97,10 @@ def resolve_fd(fd: int, own_fd: int) -> FdRef:
         return FdRef(FD_FOREIGN)  # on the mount but not a handle (e.g. a directory)
 
 
-_channels: dict[int, bytes] = {}  # st_dev of a mount → its fd channel name
-
-
 def _channel_name(fd: int) -> bytes:
-    dev = os.fstat(fd).st_dev
-    name = _channels.get(dev)
-    if name is None:
-        name = _transact(fd, protocol.Request(op=protocol.OP_FD_CHANNEL), protocol.MAX_MESSAGE).payload
-        _channels[dev] = name
-    return name
+    """Where this mount's daemon takes descriptors. Asked every time: a new mount may reuse
+    an old one's device number, so nothing about a mount can be cached by st_dev."""
+    return _transact(fd, protocol.Request(op=protocol.OP_FD_CHANNEL), protocol.MAX_MESSAGE).payload
 
 
 def _pass_eventfds(fd: int, payload: bytes) -> dict[int, FdRef]:
