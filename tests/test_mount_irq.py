@@ -392,3 +392,15 @@ def test_set_irqs_with_many_vectors_at_once(dev):
     assert [count(fd) for fd in efds] == [1] * 16
     for fd in efds:
         os.close(fd)
+
+
+def test_the_same_eventfd_on_two_vectors(dev, irqmount):
+    (efd,) = eventfds(1)
+    dev.enable_irq_eventfds(MSIX, [efd, efd])
+    assert daemon_eventfds(irqmount.process.pid) == 2  # one reference per vector, as the kernel keeps
+    msix_vector_ctrl(dev, 0, masked=False)
+    msix_vector_ctrl(dev, 1, masked=False)
+    dev.enable_irq_eventfds(MSIX, [-1])  # unassigning vector 0 leaves vector 1 working
+    poke(dev, 0x00, 1)
+    assert count(efd) == 1
+    os.close(efd)

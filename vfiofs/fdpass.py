@@ -57,6 +57,10 @@ class PassedFd:
             self.is_eventfd = False
         self.claimed = False
 
+    def duplicate(self) -> "PassedFd":
+        """Another reference to the same descriptor (one per interrupt vector that uses it)."""
+        return PassedFd(os.dup(self.fd))
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)

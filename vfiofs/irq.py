@@ -154,8 +154,16 @@ class IrqController:
             raise VfioError(errno.EBADF, f"fd {number} is not open")
         if not getattr(target, "is_eventfd", False):
             raise VfioError(errno.EINVAL, f"fd {number} is not an eventfd")
-        target.claimed = True  # the controller owns this reference now
         return target  # type: ignore[return-value]
+
+    @staticmethod
+    def _own(trigger: Trigger | None) -> Trigger | None:
+        """Keep ``trigger``: the transport must not close it after the command."""
+        if trigger is not None:
+            if trigger.claimed:  # type: ignore[attr-defined]
+                trigger = trigger.duplicate()  # type: ignore[attr-defined]  # one reference per vector
+            trigger.claimed = True  # type: ignore[attr-defined]
+        return trigger
 
     def _drop(self, trigger: Trigger | None) -> None:
         if trigger is not None:
@@ -189,7 +197,7 @@ class IrqController:
             if self.irq_type == NONE:
                 self.irq_type, self.intx_masked = INTX, False
             self._drop(self.intx_trigger)
-            self.intx_trigger = trigger
+            self.intx_trigger = self._own(trigger)
             self._intx_update()  # a line already asserted fires at once
             return
         if self.irq_type != INTX:
@@ -241,7 +249,7 @@ class IrqController:
                 self._set_enable(kind, True, start + count)
             for i, trigger in enumerate(triggers):
                 self._drop(self.vectors[start + i])
-                self.vectors[start + i] = trigger
+                self.vectors[start + i] = self._own(trigger)
             return
         if self.irq_type != kind:
             raise VfioError(errno.EINVAL, "this interrupt type is not enabled")
@@ -377,7 +385,7 @@ class IrqController:
         elif number >= 0:
             trigger = self._resolve(number, files)
             self._drop(current)
-            setattr(self, attr, trigger)
+            setattr(self, attr, self._own(trigger))
 
     # -- teardown --------------------------------------------------------------------------------------------
     def teardown(self) -> None:
