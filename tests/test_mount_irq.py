@@ -404,3 +404,22 @@ def test_the_same_eventfd_on_two_vectors(dev, irqmount):
     poke(dev, 0x00, 1)
     assert count(efd) == 1
     os.close(efd)
+
+
+def test_a_timer_in_the_model_raises_the_interrupt_later(dev):
+    """The device completes work on a trio timer; the driver sleeps in select until then."""
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    dev.enable_irq_eventfds(MSIX, [efd])
+    msix_vector_ctrl(dev, 0, masked=False)
+    poke(dev, 0x18, 50)  # "done in 50 ms": the write itself returns at once
+    ready, _, _ = select.select([efd], [], [], 10)
+    assert ready == [efd] and os.eventfd_read(efd) == 1
+    # a reset cancels what the device had pending
+    poke(dev, 0x18, 200)
+    dev.reset()
+    dev.enable_irq_eventfds(MSIX, [efd])
+    msix_vector_ctrl(dev, 0, masked=False)
+    poke(dev, 0x18, 300)  # a fresh timer after the reset still works ...
+    ready, _, _ = select.select([efd], [], [], 10)
+    assert ready == [efd] and os.eventfd_read(efd) == 1  # ... and the cancelled one never fired
+    os.close(efd)

@@ -17,6 +17,8 @@ import trio
 
 from .definitions import Definition
 from .fdpass import FdChannel
+from .model import DeviceModel
+from .tasks import TrioScheduler
 from .fuse_ops import VfioOperations
 from .regions import StateFileError
 from .server import Server
@@ -80,6 +82,7 @@ def serve(
 
 def _serve(server: Server, mountpoint: Path, options: Sequence[str], on_ready: Callable[[], None] | None) -> None:
     ops = VfioOperations(server, uid=os.getuid(), gid=os.getgid())
+    models = [device.driver.model for device in server.devices]
     with _stderr_captured() as libfuse_said:
         try:
             pyfuse3.init(ops, str(mountpoint), mount_options(options))
@@ -92,7 +95,7 @@ def _serve(server: Server, mountpoint: Path, options: Sequence[str], on_ready: C
     for line in libfuse_said():
         log.warning("libfuse: %s", line)
     try:
-        trio.run(_main, on_ready)
+        trio.run(_main, on_ready, models)
     finally:
         pyfuse3.close(unmount=True)
     log.info("unmounted %s", mountpoint)
@@ -115,8 +118,11 @@ def _stderr_captured() -> Iterator[Callable[[], list[str]]]:
             lines.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip())
 
 
-async def _main(on_ready: Callable[[], None] | None) -> None:
+async def _main(on_ready: Callable[[], None] | None, models: Sequence[DeviceModel] = ()) -> None:
     async with trio.open_nursery() as nursery:
+        scheduler = TrioScheduler(nursery)
+        for model in models:  # timers and tasks of device models run in this nursery
+            model.scheduler = scheduler
 
         async def fuse_loop() -> None:
             # The core never awaits inside a handler, so one worker task is enough and fastest.

@@ -17,8 +17,10 @@ logged and reported to the caller as EIO — it never takes the daemon down.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Awaitable, Callable
 
 from .regions import BarMemory, RegisterFile
+from .tasks import ManualScheduler, Timer
 from .spec import BarSpec, DeviceSpec, PciIdentity
 
 MSIX_ENTRY_SIZE = 16
@@ -44,6 +46,8 @@ class DeviceModel:
     reset_works: bool = True
     #: Set by the core: interrupts raised through it reach the binder's eventfds.
     interrupts: InterruptSink = InterruptSink()
+    #: Set by the daemon: runs timers and tasks on its trio loop (see :mod:`vfiofs.tasks`).
+    scheduler: Any = None
 
     def __init__(self, spec: DeviceSpec, state_dir: Path | None = None) -> None:
         self.spec = spec
@@ -62,6 +66,8 @@ class DeviceModel:
             self.shutdown()  # release the BARs already built
             raise
         self.registers = {bar.index: RegisterFile(bar.registers) for bar in spec.bars}
+        self.scheduler = ManualScheduler()
+        self._timers: list[Timer] = []
         self._init_msix_table()
 
     # -- interrupts (the model's side) ---------------------------------------------------------------
@@ -76,6 +82,25 @@ class DeviceModel:
     def deassert_intx(self) -> None:
         self.interrupts.set_intx(False)
 
+    # -- asynchronous work ------------------------------------------------------------------------------
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
+        """Run ``fn(*args)`` on the daemon's loop after ``delay`` seconds (cancelled by reset)."""
+        self._timers = [t for t in self._timers if not t.cancelled]
+        timer = self.scheduler.call_later(delay, fn, *args)
+        self._timers.append(timer)
+        return timer
+
+    def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Timer:
+        """Run ``await fn(*args)`` in the background (cancelled by reset)."""
+        timer = self.scheduler.spawn(fn, *args)
+        self._timers.append(timer)
+        return timer
+
+    def cancel_timers(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+
     # -- lifecycle hooks (vfio_device_ops) -----------------------------------------------------------
     def open(self) -> None:
         """Called when a handle binds (the kernel's ``open_device``); raise to refuse the bind."""
@@ -84,7 +109,8 @@ class DeviceModel:
         """Called when the bound handle is closed (``close_device``); the core resets afterwards."""
 
     def reset(self) -> None:
-        """Power-on state: registers, non-persistent memory; revokes every mapping handed out."""
+        """Power-on state: registers, non-persistent memory, no pending timers; revokes mappings."""
+        self.cancel_timers()
         for bar in self.bars:
             self.memory[bar.index].reset(keep=bar.persist)
             self.registers[bar.index].reset()

@@ -2,7 +2,8 @@
 
 BAR0 (trapped): 0x00 raise MSI-X vector <value>; 0x04 INTx level (1 asserts, 0
 deasserts); 0x08 raise MSI vector <value>; 0x0c raise MSI-X vector 0 <value> times;
-0x10 raise ERR; 0x14 raise REQ.
+0x10 raise ERR; 0x14 raise REQ; 0x18 raise MSI-X vector 0 after <value> milliseconds
+(a trio timer, as a device that completes work asynchronously).
 """
 
 from vfiofs import abi
@@ -27,5 +28,7 @@ class IrqTestDevice(DeviceModel):
             self.raise_irq(abi.VFIO_PCI_ERR_IRQ_INDEX)
         elif offset == 0x14:
             self.raise_irq(abi.VFIO_PCI_REQ_IRQ_INDEX)
+        elif offset == 0x18:
+            self.call_later(value / 1000, self.raise_irq, abi.VFIO_PCI_MSIX_IRQ_INDEX, 0)
         else:
             super().bar_write(index, offset, data)
