@@ -16,7 +16,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 FIGURE_KEYS = {"name", "unit", "median", "p90", "n", "baseline", "baseline_median", "ratio", "target", "met"}
 MACHINE_KEYS = {"kernel", "cpu", "nproc", "python", "pyfuse3", "libfuse"}
-NOT_IMPLEMENTED = {"irq_latency", "dma_throughput"}
+NOT_IMPLEMENTED = {"dma_throughput"}
 
 
 def fuse_mounts() -> list[str]:
