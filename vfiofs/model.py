@@ -32,11 +32,32 @@ __all__ = ["DeviceModel", "PciIdentity", "BarSpec"]
 class InterruptSink:
     """Where a model's interrupts go; the core replaces it with the device's interrupt controller."""
 
+    irq_type = "none"
+
     def raise_irq(self, index: int, vector: int = 0) -> None:
         """An edge interrupt: MSI/MSI-X ``vector``, or the single ERR/REQ trigger."""
 
     def set_intx(self, asserted: bool) -> None:
         """The level of the INTx line."""
+
+
+class DmaFault(Exception):
+    """A DMA the IOMMU refused: unmapped IOVA, a write to a read-only mapping, a mapping that
+    went away mid-transfer. The model decides what the device does about it."""
+
+    def __init__(self, iova: int, size: int, reason: str) -> None:
+        super().__init__(f"DMA fault at IOVA {iova:#x} (+{size:#x}): {reason}")
+        self.iova, self.size, self.reason = iova, size, reason
+
+
+class DmaPort:
+    """The device's view of the address space it is attached to; the core replaces it."""
+
+    def read(self, iova: int, size: int) -> bytes:
+        raise DmaFault(iova, size, "the device is not attached to an IOAS")
+
+    def write(self, iova: int, data: bytes) -> None:
+        raise DmaFault(iova, len(data), "the device is not attached to an IOAS")
 
 
 class DeviceModel:
@@ -48,6 +69,8 @@ class DeviceModel:
     interrupts: InterruptSink = InterruptSink()
     #: Set by the daemon: runs timers and tasks on its trio loop (see :mod:`vfiofs.tasks`).
     scheduler: Any = None
+    #: Set by the core: DMA through the IOAS the bound handle attached the device to.
+    dma: DmaPort = DmaPort()
 
     def __init__(self, spec: DeviceSpec, state_dir: Path | None = None) -> None:
         self.spec = spec
@@ -81,6 +104,19 @@ class DeviceModel:
 
     def deassert_intx(self) -> None:
         self.interrupts.set_intx(False)
+
+    def msi_enabled(self) -> bool:
+        """True while the driver has MSI enabled (VFIO_DEVICE_SET_IRQS on the MSI index)."""
+        return self.interrupts.irq_type == "msi"
+
+    # -- DMA (the model's side) ------------------------------------------------------------------------
+    def dma_read(self, iova: int, size: int) -> bytes:
+        """Read ``size`` bytes at ``iova`` of the attached IOAS; raises :class:`DmaFault`."""
+        return self.dma.read(iova, size)
+
+    def dma_write(self, iova: int, data: bytes) -> None:
+        """Write ``data`` at ``iova`` of the attached IOAS; raises :class:`DmaFault`."""
+        self.dma.write(iova, data)
 
     # -- asynchronous work ------------------------------------------------------------------------------
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
