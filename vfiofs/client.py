@@ -38,9 +38,19 @@ from .abi import (
     VFIO_PCI_INTX_IRQ_INDEX,
     IOMMU_DESTROY,
     IOMMU_IOAS_ALLOC,
+    IOMMU_IOAS_IOVA_RANGES,
+    IOMMU_IOAS_MAP,
+    IOMMU_IOAS_UNMAP,
     VFIO_PCI_INDEX_TO_OFFSET,
+    IOMMU_IOAS_MAP_FIXED_IOVA,
+    IOMMU_IOAS_MAP_READABLE,
+    IOMMU_IOAS_MAP_WRITEABLE,
     iommu_destroy,
     iommu_ioas_alloc,
+    iommu_ioas_iova_ranges,
+    iommu_ioas_map,
+    iommu_ioas_unmap,
+    iommu_iova_range,
     vfio_device_attach_iommufd_pt,
     vfio_device_bind_iommufd,
     vfio_device_detach_iommufd_pt,
@@ -131,6 +141,25 @@ def _pass_eventfds(fd: int, payload: bytes) -> dict[int, FdRef]:
     return refs
 
 
+# Commands that reach into the caller's memory (mappings, pointers in their structs): the
+# daemon must be able to prove which process asked (docs/protocol.md §12).
+PROCESS_COMMANDS = {IOMMU_IOAS_MAP, IOMMU_IOAS_IOVA_RANGES}
+PR_SET_PTRACER = 0x59616D61
+
+
+def _prove_process(fd: int) -> dict[int, FdRef]:
+    """Deposit an empty parcel: the daemon learns from the kernel which process we are, and
+    (under Yama ptrace_scope=1) we allow that daemon to read and write our memory."""
+    parcel = secrets.token_bytes(16)
+    daemon_pid = fdpass.deposit(_channel_name(fd), parcel, {})
+    if daemon_pid > 0:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PTRACER, daemon_pid, 0, 0, 0)
+        except (OSError, AttributeError):  # no Yama: nothing to allow
+            pass
+    return {0: FdRef(protocol.FD_PROCESS, parcel)}
+
+
 def ioctl(fd: int, request: int, arg: Arg = None) -> int:
     """Run ioctl ``request`` on a vfiofs handle; returns what the kernel would return.
 
@@ -148,6 +177,8 @@ def ioctl(fd: int, request: int, arg: Arg = None) -> int:
         view = memoryview(arg).cast("B")
         payload = bytes(view)
         fds = _pass_eventfds(fd, payload) if request == VFIO_DEVICE_SET_IRQS else {}
+        if request in PROCESS_COMMANDS:
+            fds.update(_prove_process(fd))
         for field_offset in FD_FIELDS.get(request, ()):
             if len(payload) >= field_offset + 4:
                 number = int.from_bytes(payload[field_offset : field_offset + 4], "little", signed=True)
@@ -212,6 +243,37 @@ class IommuFd(_Node):
 
     def destroy(self, object_id: int) -> None:
         self.ioctl(IOMMU_DESTROY, iommu_destroy(size=ctypes.sizeof(iommu_destroy), id=object_id))
+
+    def map(self, ioas_id: int, user_va: int, length: int, iova: int | None = None,
+            readable: bool = True, writeable: bool = True) -> int:
+        """IOMMU_IOAS_MAP of this process's memory; returns the IOVA (chosen by the IOMMU if None)."""
+        flags = (IOMMU_IOAS_MAP_READABLE if readable else 0) | (IOMMU_IOAS_MAP_WRITEABLE if writeable else 0)
+        if iova is not None:
+            flags |= IOMMU_IOAS_MAP_FIXED_IOVA
+        cmd = iommu_ioas_map(size=ctypes.sizeof(iommu_ioas_map), flags=flags, ioas_id=ioas_id, user_va=user_va,
+                             length=length, iova=iova or 0)
+        self.ioctl(IOMMU_IOAS_MAP, cmd)
+        return cmd.iova
+
+    def map_buffer(self, ioas_id: int, buffer, iova: int | None = None, readable: bool = True,
+                   writeable: bool = True) -> int:
+        """Map a page-aligned writable buffer of this process (e.g. ``mmap.mmap(-1, n)``)."""
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+        return self.map(ioas_id, address, len(buffer), iova, readable, writeable)
+
+    def unmap(self, ioas_id: int, iova: int = 0, length: int = (1 << 64) - 1) -> int:
+        """IOMMU_IOAS_UNMAP; the default range unmaps everything. Returns the bytes unmapped."""
+        cmd = iommu_ioas_unmap(size=ctypes.sizeof(iommu_ioas_unmap), ioas_id=ioas_id, iova=iova, length=length)
+        self.ioctl(IOMMU_IOAS_UNMAP, cmd)
+        return cmd.length
+
+    def iova_ranges(self, ioas_id: int) -> tuple[list[tuple[int, int]], int]:
+        """IOMMU_IOAS_IOVA_RANGES: the usable (start, last) ranges and the IOVA alignment."""
+        ranges = (iommu_iova_range * 16)()
+        cmd = iommu_ioas_iova_ranges(size=ctypes.sizeof(iommu_ioas_iova_ranges), ioas_id=ioas_id, num_iovas=16,
+                                     allowed_iovas=ctypes.addressof(ranges))
+        self.ioctl(IOMMU_IOAS_IOVA_RANGES, cmd)
+        return [(r.start, r.last) for r in ranges[: cmd.num_iovas]], cmd.out_iova_alignment
 
 
 class VfioDevice(_Node):

@@ -67,6 +67,25 @@ class PassedFd:
             self.fd = -1
 
 
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+
+
+
+class Parcel:
+    """What one client connection deposited: its uid, its pidfd, and descriptors by number."""
+
+    def __init__(self, uid: int, pidfd: int | None) -> None:
+        self.uid, self.pidfd = uid, pidfd
+        self.fds: dict[int, PassedFd] = {}
+
+    def close(self) -> None:
+        for passed in self.fds.values():
+            if not passed.claimed:
+                passed.close()
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
 class FdChannel:
     """A per-mount abstract socket where clients deposit descriptors before the command that uses them.
 
@@ -82,23 +101,29 @@ class FdChannel:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         self.sock.bind(b"\0" + self.name)
         self.sock.listen(64)
-        self._parcels: OrderedDict[bytes, tuple[int, dict[int, PassedFd]]] = OrderedDict()
+        self._parcels: OrderedDict[bytes, Parcel] = OrderedDict()
+
+    def _parcel(self, parcel: bytes, uid: int) -> "Parcel | None":
+        if parcel not in self._parcels:
+            self._collect()
+        found = self._parcels.get(parcel)
+        return found if found is not None and found.uid == uid else None
 
     def take(self, parcel: bytes, number: int, uid: int) -> PassedFd | None:
         """The descriptor a client of ``uid`` deposited as ``number`` in ``parcel``."""
-        if parcel not in self._parcels:
-            self._collect()
-        owner, fds = self._parcels.get(parcel, (None, {}))
-        if owner != uid:
-            return None
-        return fds.get(number)
+        found = self._parcel(parcel, uid)
+        return None if found is None else found.fds.get(number)
+
+    def sender(self, parcel: bytes, uid: int) -> int | None:
+        """A pidfd of the process that deposited ``parcel`` (as the kernel reported it), or None."""
+        found = self._parcel(parcel, uid)
+        return None if found is None else found.pidfd
 
     def discard(self, parcel: bytes) -> None:
         """The command is over: close what it did not claim."""
-        _, fds = self._parcels.pop(parcel, (None, {}))
-        for passed in fds.values():
-            if not passed.claimed:
-                passed.close()
+        found = self._parcels.pop(parcel, None)
+        if found is not None:
+            found.close()
 
     def _collect(self) -> None:
         while True:
@@ -111,9 +136,20 @@ class FdChannel:
             with conn:
                 conn.setblocking(False)
                 _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
-                self._receive(conn, uid)
+                try:
+                    pidfd = conn.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+                except OSError:  # kernels before 6.5: who sent it cannot be proven
+                    pidfd = None
+                self._receive(conn, uid, pidfd)
 
-    def _receive(self, conn: socket.socket, uid: int) -> None:
+    def _receive(self, conn: socket.socket, uid: int, pidfd: int | None) -> None:
+        try:
+            self._receive_messages(conn, uid, pidfd)
+        finally:
+            if pidfd is not None and not any(p.pidfd == pidfd for p in self._parcels.values()):
+                os.close(pidfd)
+
+    def _receive_messages(self, conn: socket.socket, uid: int, pidfd: int | None) -> None:
         while True:
             try:
                 message, fds, _flags, _addr = socket.recv_fds(conn, 4096, MAX_FDS_PER_MESSAGE)
@@ -131,16 +167,18 @@ class FdChannel:
                 for p in passed:
                     p.close()
                 continue
-            owner, table = self._parcels.setdefault(parcel, (uid, {}))
-            if owner != uid:
+            found = self._parcels.get(parcel)
+            if found is None:
+                found = self._parcels[parcel] = Parcel(uid, pidfd)
+            if found.uid != uid or found.pidfd != pidfd:  # a parcel id is one process's, once
                 for p in passed:
                     p.close()
                 continue
             for number, p in zip(numbers, passed):
-                old = table.pop(number, None)
+                old = found.fds.pop(number, None)
                 if old is not None:
                     old.close()
-                table[number] = p
+                found.fds[number] = p
             while len(self._parcels) > MAX_PARCELS:
                 self.discard(next(iter(self._parcels)))
 
@@ -150,13 +188,16 @@ class FdChannel:
         self.sock.close()
 
 
-def deposit(channel_name: bytes, parcel: bytes, fds: dict[int, int]) -> None:
-    """Client side: send ``fds`` (number as the command names it → descriptor) as ``parcel``."""
+def deposit(channel_name: bytes, parcel: bytes, fds: dict[int, int]) -> int:
+    """Client side: send ``fds`` (number as the command names it → descriptor) as ``parcel``;
+    with no descriptors the parcel only proves who we are. Returns the daemon's pid."""
     items = list(fds.items())
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as sock:
         sock.connect(b"\0" + channel_name)
-        for i in range(0, len(items), MAX_FDS_PER_MESSAGE):
+        daemon_pid, _uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        for i in range(0, max(len(items), 1), MAX_FDS_PER_MESSAGE):
             chunk = items[i : i + MAX_FDS_PER_MESSAGE]
             header = _PARCEL_HEADER.pack(PARCEL_MAGIC, parcel, len(chunk))
             numbers = struct.pack(f"<{len(chunk)}i", *(number for number, _ in chunk))
             socket.send_fds(sock, [header + numbers], [fd for _, fd in chunk])
+    return daemon_pid

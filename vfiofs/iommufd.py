@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import abi
 from .errors import VfioError
+from .model import DmaFault, DmaPort
+from .procmem import ProcessMemory
 from .usermem import UserBuffer
 
 
@@ -26,11 +29,100 @@ class IommufdObject:
     id: int = 0
 
 
+PAGE_SIZE = 4096
+IOVA_LAST = (1 << 48) - 1  # the aperture of the emulated IOMMU: 48-bit IOVAs
+U64_MAX = (1 << 64) - 1
+_MAP_FLAGS = abi.IOMMU_IOAS_MAP_FIXED_IOVA | abi.IOMMU_IOAS_MAP_WRITEABLE | abi.IOMMU_IOAS_MAP_READABLE
+
+
+@dataclass(eq=False)
+class Mapping:
+    """IOVA [iova, iova+length) → process memory [user_va, user_va+length)."""
+
+    iova: int
+    length: int
+    user_va: int
+    readable: bool
+    writable: bool
+    memory: ProcessMemory
+
+    @property
+    def last(self) -> int:
+        return self.iova + self.length - 1
+
+
 @dataclass(eq=False)
 class Ioas(IommufdObject):
-    """An I/O address space (IOAS_MAP/UNMAP arrive with the DMA issue)."""
+    """An I/O address space: what device DMA sees."""
 
     hwpts: list["HwptPaging"] = field(default_factory=list)
+    mappings: list[Mapping] = field(default_factory=list)  # sorted by iova, never overlapping
+
+    def find(self, iova: int) -> Mapping | None:
+        for mapping in self.mappings:
+            if mapping.iova <= iova <= mapping.last:
+                return mapping
+        return None
+
+    def overlaps(self, iova: int, last: int) -> bool:
+        return any(m.iova <= last and iova <= m.last for m in self.mappings)
+
+    def remove(self, mapping: Mapping) -> None:
+        self.mappings.remove(mapping)
+        if not any(m.memory is mapping.memory for m in self.mappings):
+            mapping.memory.close()
+
+
+class IoasDma(DmaPort):
+    """A device's DMA through an IOAS: each access is checked against the mappings, page by page."""
+
+    def __init__(self, ioas: Ioas, trace: Callable[[str], None]) -> None:
+        self.ioas = ioas
+        self.trace = trace
+
+    def _pieces(self, iova: int, size: int, write: bool) -> list[tuple[Mapping, int, int]]:
+        pieces, cursor, end = [], iova, iova + size
+        while cursor < end:
+            mapping = self.ioas.find(cursor)
+            if mapping is None:
+                raise self._fault(iova, size, f"IOVA {cursor:#x} is not mapped")
+            if write and not mapping.writable:
+                raise self._fault(iova, size, f"IOVA {cursor:#x} is mapped read-only")
+            if not write and not mapping.readable:
+                raise self._fault(iova, size, f"IOVA {cursor:#x} is mapped write-only")
+            n = min(end, mapping.last + 1) - cursor
+            pieces.append((mapping, mapping.user_va + (cursor - mapping.iova), n))
+            cursor += n
+        return pieces
+
+    def _fault(self, iova: int, size: int, reason: str) -> DmaFault:
+        fault = DmaFault(iova, size, reason)
+        self.trace(str(fault))
+        return fault
+
+    def read(self, iova: int, size: int) -> bytes:
+        out = bytearray()
+        for mapping, addr, n in self._pieces(iova, size, write=False):
+            try:
+                out += mapping.memory.read(addr, n)
+            except OSError as exc:
+                raise self._fault(iova, size, f"the process's memory is gone ({exc.strerror})") from None
+        return bytes(out)
+
+    def write(self, iova: int, data: bytes) -> None:
+        pieces = self._pieces(iova, len(data), write=True)
+        for mapping, addr, n in pieces:  # page protections may have changed since the map
+            try:
+                mapping.memory.check_range(addr, n, write=True)
+            except VfioError as exc:
+                raise self._fault(iova, len(data), exc.detail) from None
+        done = 0
+        for mapping, addr, n in pieces:
+            try:
+                mapping.memory.write(addr, data[done : done + n])
+            except OSError as exc:
+                raise self._fault(iova, len(data), f"the process's memory is gone ({exc.strerror})") from None
+            done += n
 
 
 @dataclass(eq=False)
@@ -47,6 +139,8 @@ class DeviceObject(IommufdObject):
 
     name: str = ""
     hwpt: HwptPaging | None = None
+    #: told which IOAS the device's DMA now goes through (None: detached)
+    on_attach: Callable[[Ioas | None], None] = lambda ioas: None
 
 
 @dataclass(frozen=True)
@@ -66,6 +160,8 @@ _TABLE_END = 0x95
 class IommufdContext:
     def __init__(self) -> None:
         self.objects: dict[int, IommufdObject] = {}
+        self._process: Callable[[], ProcessMemory] | None = None
+        self._emsgsize = False
 
     # -- object table -------------------------------------------------------------------
     def _add(self, obj: IommufdObject) -> IommufdObject:
@@ -87,7 +183,8 @@ class IommufdContext:
         return isinstance(obj, DeviceObject)  # owned by the bound device handle
 
     # -- the iommu handle's ioctls --------------------------------------------------------
-    def ioctl(self, request: int, arg: UserBuffer, value: int) -> int:
+    def ioctl(self, request: int, arg: UserBuffer, value: int,
+              process: Callable[[], ProcessMemory] | None = None) -> int:
         nr = request & 0xFF
         if (request >> 8) & 0xFF != abi.IOMMUFD_TYPE or not abi.IOMMUFD_CMD_BASE <= nr < _TABLE_END:
             return self._vfio_compat(request, value)
@@ -98,9 +195,15 @@ class IommufdContext:
         if user_size < command.min_size:
             raise VfioError(errno.EINVAL, "size smaller than the command structure")
         cmd = arg.copy_struct_from_user(command.struct, user_size)
-        command.execute(self, cmd)
+        self._process, self._emsgsize = process, False
+        try:
+            command.execute(self, cmd)
+        finally:
+            self._process = None
         # iommufd_ucmd_respond(): the whole command goes back, up to the caller's size.
         arg.write_struct(cmd, min(user_size, ctypes.sizeof(cmd)))
+        if self._emsgsize:
+            raise VfioError(errno.EMSGSIZE, "num_iovas is too small; it now holds the count needed")
         return 0
 
     def _vfio_compat(self, request: int, value: int) -> int:
@@ -114,17 +217,126 @@ class IommufdContext:
             raise VfioError(errno.EOPNOTSUPP, "IOAS_ALLOC flags must be 0")
         cmd.out_ioas_id = self._add(Ioas()).id
 
+    def _ioas(self, ioas_id: int) -> Ioas:
+        obj = self.objects.get(ioas_id)
+        if not isinstance(obj, Ioas):
+            raise VfioError(errno.ENOENT, f"no IOAS {ioas_id}")
+        return obj
+
+    def _caller_memory(self) -> ProcessMemory:
+        if self._process is None:
+            raise VfioError(errno.EPERM, "the caller's process was not identified (docs/protocol.md §12)")
+        return self._process()
+
+    def _ioas_map(self, cmd: abi.iommu_ioas_map) -> None:
+        """iommufd_ioas_map(): checks in the kernel's order, then pins the range to the caller."""
+        if cmd.flags & ~_MAP_FLAGS or getattr(cmd, "__reserved"):
+            raise VfioError(errno.EOPNOTSUPP, "unknown IOAS_MAP flags or reserved bits")
+        if cmd.iova >= U64_MAX or cmd.length >= U64_MAX:
+            raise VfioError(errno.EOVERFLOW, "iova or length too large")
+        readable = bool(cmd.flags & abi.IOMMU_IOAS_MAP_READABLE)
+        writable = bool(cmd.flags & abi.IOMMU_IOAS_MAP_WRITEABLE)
+        if not (readable or writable):
+            raise VfioError(errno.EINVAL, "a mapping must be READABLE, WRITEABLE or both")
+        ioas = self._ioas(cmd.ioas_id)
+        if cmd.length == 0 or cmd.length % PAGE_SIZE or cmd.user_va % PAGE_SIZE:
+            raise VfioError(errno.EINVAL, "length and user_va must be page-aligned and non-zero")
+        if cmd.user_va + cmd.length - 1 > U64_MAX:
+            raise VfioError(errno.EOVERFLOW, "user_va + length overflows")
+        if cmd.flags & abi.IOMMU_IOAS_MAP_FIXED_IOVA:
+            iova = cmd.iova
+            if iova % PAGE_SIZE:
+                raise VfioError(errno.EINVAL, "iova must be page-aligned")
+            if iova + cmd.length - 1 > U64_MAX:
+                raise VfioError(errno.EOVERFLOW, "iova + length overflows")
+            if iova + cmd.length - 1 > IOVA_LAST:
+                raise VfioError(errno.EINVAL, f"iova range beyond the aperture (last {IOVA_LAST:#x})")
+            if ioas.overlaps(iova, iova + cmd.length - 1):
+                raise VfioError(errno.EEXIST, "the range overlaps an existing mapping")
+        else:
+            iova = self._allocate_iova(ioas, cmd.length)
+        memory = self._caller_memory()
+        try:
+            memory.check_range(cmd.user_va, cmd.length, write=writable)
+        except VfioError:
+            memory.close()
+            raise
+        ioas.mappings.append(Mapping(iova, cmd.length, cmd.user_va, readable, writable, memory))
+        ioas.mappings.sort(key=lambda m: m.iova)
+        cmd.iova = iova
+
+    def _allocate_iova(self, ioas: Ioas, length: int) -> int:
+        """Lowest free IOVA (never 0), aligned like the kernel's allocator (up to 2 MiB)."""
+        align = min(1 << (length - 1).bit_length(), 2 << 20)
+        align = max(align, PAGE_SIZE)
+        candidate = align
+        for mapping in ioas.mappings:
+            if candidate + length - 1 < mapping.iova:
+                break
+            if mapping.last >= candidate:
+                candidate = (mapping.last + 1 + align - 1) // align * align
+        if candidate + length - 1 > IOVA_LAST:
+            raise VfioError(errno.ENOSPC, "no free IOVA range of that size")
+        return candidate
+
+    def _ioas_unmap(self, cmd: abi.iommu_ioas_unmap) -> None:
+        ioas = self._ioas(cmd.ioas_id)
+        if cmd.iova == 0 and cmd.length == U64_MAX:  # unmap everything
+            unmapped = sum(m.length for m in ioas.mappings)
+            for mapping in list(ioas.mappings):
+                ioas.remove(mapping)
+            cmd.length = unmapped
+            return
+        if cmd.iova >= U64_MAX or cmd.length >= U64_MAX:
+            raise VfioError(errno.EOVERFLOW, "iova or length too large")
+        if cmd.length == 0:
+            raise VfioError(errno.EINVAL, "length must not be 0")
+        last = cmd.iova + cmd.length - 1
+        if last > U64_MAX:
+            raise VfioError(errno.EOVERFLOW, "iova + length overflows")
+        touched = [m for m in ioas.mappings if m.iova <= last and cmd.iova <= m.last]
+        if not touched:
+            raise VfioError(errno.ENOENT, "nothing is mapped there")
+        if any(m.iova < cmd.iova or m.last > last for m in touched):
+            raise VfioError(errno.ENOENT, "the range splits a mapping: unmap whole mappings")
+        for mapping in touched:
+            ioas.remove(mapping)
+        cmd.length = sum(m.length for m in touched)
+
+    def _ioas_iova_ranges(self, cmd: abi.iommu_ioas_iova_ranges) -> None:
+        if getattr(cmd, "__reserved"):
+            raise VfioError(errno.EOPNOTSUPP, "reserved field must be 0")
+        self._ioas(cmd.ioas_id)
+        ranges = [(0, IOVA_LAST)]  # one aperture, no reserved regions
+        room, cmd.num_iovas = cmd.num_iovas, len(ranges)
+        cmd.out_iova_alignment = PAGE_SIZE
+        if room < len(ranges):
+            self._emsgsize = True  # the kernel reports the count, then fails
+            return
+        if ranges:
+            memory = self._caller_memory()
+            try:
+                data = b"".join(struct.pack("<QQ", start, last) for start, last in ranges)
+                memory.write(cmd.allowed_iovas, data)
+            except OSError:
+                raise VfioError(errno.EFAULT, "allowed_iovas is not writable memory of the caller") from None
+            finally:
+                memory.close()
+
     def _destroy(self, cmd: abi.iommu_destroy) -> None:
         obj = self.objects.get(cmd.id)
         if obj is None:
             raise VfioError(errno.ENOENT, f"no object {cmd.id}")
         if self._busy(obj):
             raise VfioError(errno.EBUSY, f"object {cmd.id} is in use")
+        if isinstance(obj, Ioas):
+            for mapping in list(obj.mappings):
+                obj.remove(mapping)
         self._remove(obj)
 
     # -- devices (called by the state machine) -----------------------------------------------
-    def bind_device(self, name: str) -> DeviceObject:
-        obj = self._add(DeviceObject(name=name))
+    def bind_device(self, name: str, on_attach: Callable[[Ioas | None], None] = lambda ioas: None) -> DeviceObject:
+        obj = self._add(DeviceObject(name=name, on_attach=on_attach))
         assert isinstance(obj, DeviceObject)
         return obj
 
@@ -150,6 +362,7 @@ class IommufdContext:
             self.detach(dev)
             hwpt.devices.add(dev)
             dev.hwpt = hwpt
+            dev.on_attach(hwpt.ioas)
         return hwpt.id
 
     def detach(self, dev: DeviceObject) -> None:
@@ -157,6 +370,7 @@ class IommufdContext:
         hwpt, dev.hwpt = dev.hwpt, None
         if hwpt is None:
             return
+        dev.on_attach(None)
         hwpt.devices.discard(dev)
         if not hwpt.devices and hwpt.ioas is not None:
             hwpt.ioas.hwpts.remove(hwpt)
@@ -164,6 +378,10 @@ class IommufdContext:
 
 
 _COMMANDS = {
+    abi.IOMMUFD_CMD_IOAS_MAP: _Command(abi.IOMMU_IOAS_MAP, abi.iommu_ioas_map, 40, IommufdContext._ioas_map),
+    abi.IOMMUFD_CMD_IOAS_UNMAP: _Command(abi.IOMMU_IOAS_UNMAP, abi.iommu_ioas_unmap, 24, IommufdContext._ioas_unmap),
+    abi.IOMMUFD_CMD_IOAS_IOVA_RANGES: _Command(
+        abi.IOMMU_IOAS_IOVA_RANGES, abi.iommu_ioas_iova_ranges, 32, IommufdContext._ioas_iova_ranges),
     abi.IOMMUFD_CMD_DESTROY: _Command(abi.IOMMU_DESTROY, abi.iommu_destroy, 8, IommufdContext._destroy),
     abi.IOMMUFD_CMD_IOAS_ALLOC: _Command(
         abi.IOMMU_IOAS_ALLOC, abi.iommu_ioas_alloc, 12, IommufdContext._ioas_alloc

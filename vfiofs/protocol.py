@@ -46,6 +46,7 @@ FD_NOT_OPEN = 1  # no such fd in the caller's table
 FD_FOREIGN = 2  # open, but not a handle of this mount
 FD_HANDLE = 3  # a handle of this mount, named by its token
 FD_PASSED = 4  # the descriptor itself was deposited on the fd channel; token = parcel id
+FD_PROCESS = 5  # not a descriptor: the calling process, proven by a parcel it deposited (fd = 0)
 
 TOKEN_SIZE = 16
 MAX_FDS = 2048  # SET_IRQS may carry one eventfd per MSI-X vector
@@ -158,7 +159,7 @@ def decode_request(message: bytes) -> Request:
     for _ in range(nfds):
         fd, kind, token = _FDREF.unpack_from(message, pos)
         pos += FDREF_SIZE
-        if kind not in (FD_NOT_OPEN, FD_FOREIGN, FD_HANDLE, FD_PASSED) or fd < 0 or fd in fds:
+        if kind not in (FD_NOT_OPEN, FD_FOREIGN, FD_HANDLE, FD_PASSED, FD_PROCESS) or fd < 0 or fd in fds:
             raise _bad("bad fd reference")
         fds[fd] = FdRef(kind, token)
     return Request(op, request, arg_kind, arg_value, bytes(message[pos:]), fds)

@@ -17,6 +17,7 @@ from typing import Callable, Sequence, Union
 
 from . import fdpass, protocol
 from .errors import VfioError
+from .procmem import ProcessMemory
 from .protocol import FD_FOREIGN, FD_HANDLE, OP_GET_TOKEN, OP_MAP_REGION, Request
 from .state import FOREIGN_FD, Device, DeviceFile, IoctlArg, IommuFile
 from .usermem import UserBuffer
@@ -123,15 +124,31 @@ class Server:
             buf = UserBuffer(request.payload)
         else:
             buf = UserBuffer(None)
-        parcels = {ref.token for ref in request.fds.values() if ref.kind == protocol.FD_PASSED}
+        parcels = {ref.token for ref in request.fds.values() if ref.kind in (protocol.FD_PASSED, protocol.FD_PROCESS)}
         try:
-            arg = IoctlArg(buf=buf, value=request.arg_value, files=self._resolve_fds(entry, request))
+            arg = IoctlArg(buf=buf, value=request.arg_value, files=self._resolve_fds(entry, request),
+                           process=self._caller(entry, request))
             result = entry.handle.ioctl(request.request, arg)
         finally:
             if self.channel is not None:
                 for parcel in parcels:  # descriptors the command did not keep are closed
                     self.channel.discard(parcel)
         return result, bytes(buf.data or b"")
+
+    def _caller(self, entry: OpenFile, request: Request) -> Callable[[], ProcessMemory] | None:
+        """How to reach the calling process's memory, if it proved who it is (a PROCESS entry)."""
+        parcel = next((ref.token for ref in request.fds.values() if ref.kind == protocol.FD_PROCESS), None)
+        if parcel is None or self.channel is None:
+            return None
+        channel = self.channel
+
+        def open_memory() -> ProcessMemory:
+            pidfd = channel.sender(parcel, entry.uid)
+            if pidfd is None:
+                raise VfioError(errno.EPERM, "no proof of the calling process from the handle's user")
+            return ProcessMemory.open(pidfd)
+
+        return open_memory
 
     def _resolve_fds(self, entry: OpenFile, request: Request) -> dict[int, object]:
         """fd number → handle, passed descriptor, or FOREIGN_FD. Unknown tokens are foreign."""

@@ -20,11 +20,12 @@ from __future__ import annotations
 import enum
 import errno
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 from . import abi
 from .errors import VfioError
 from .iommufd import DeviceObject, IommufdContext
+from .procmem import ProcessMemory
 from .usermem import UserBuffer
 from .vfio_pci import VfioPciDevice, offsetofend
 
@@ -44,6 +45,8 @@ class IoctlArg:
     buf: UserBuffer
     value: int = 0
     files: Mapping[int, object] = field(default_factory=dict)
+    #: opens the calling process's memory, when the transport could identify the caller
+    process: Callable[[], ProcessMemory] | None = None
 
 
 class HandleState(enum.Enum):
@@ -69,7 +72,7 @@ class IommuFile:
         self.ctx = IommufdContext()
 
     def ioctl(self, request: int, arg: IoctlArg) -> int:
-        return self.ctx.ioctl(request, arg.buf, arg.value)
+        return self.ctx.ioctl(request, arg.buf, arg.value, arg.process)
 
     def read(self, offset: int, size: int) -> bytes:
         raise VfioError(errno.EINVAL, "/dev/iommu has no read")
@@ -157,7 +160,7 @@ class DeviceFile:
         if device.bound_file is not None:
             raise VfioError(errno.EINVAL, "device is bound through another handle")
         ictx = target.ctx
-        devobj = ictx.bind_device(device.name)
+        devobj = ictx.bind_device(device.name, device.driver.attach_dma)
         try:
             device.driver.open_device()
         except VfioError:

@@ -13,15 +13,19 @@ import errno
 import logging
 import os
 import struct
-from typing import Callable, Mapping, TypeVar
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 
 from . import abi
 from .errors import VfioError
 from .irq import IrqController, Trigger
-from .model import DeviceModel
+from .model import DeviceModel, DmaPort
 from .pci_config import PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
 from .spec import PAGE_SIZE
 from .usermem import UserBuffer
+
+if TYPE_CHECKING:
+    from .iommufd import Ioas
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -99,6 +103,7 @@ class VfioPciDevice:
         # Hot path: implemented BARs by index, with the COMMAND bit that gates them.
         self._bars = {bar.index: (bar.size, PCI_COMMAND_IO if bar.io else PCI_COMMAND_MEMORY)
                       for bar in self.spec.bars}
+        self.dma_trace: deque[str] = deque(maxlen=256)  # DMA faults, newest last
         self.irqs = IrqController(self.spec, lambda: self.config, model.memory, _signal_eventfd, _release)
         model.interrupts = self.irqs
         msix = self.spec.capability("msix")
@@ -136,6 +141,16 @@ class VfioPciDevice:
 
     def sync(self) -> None:
         call_model("sync", self.model.sync)
+
+    def attach_dma(self, ioas: "Ioas | None") -> None:
+        """The device's DMA now goes through ``ioas`` (None: detached, every DMA faults)."""
+        from .iommufd import IoasDma  # iommufd imports the model layer; keep the cycle out of import time
+
+        self.model.dma = DmaPort() if ioas is None else IoasDma(ioas, self._trace_dma)
+
+    def _trace_dma(self, event: str) -> None:
+        self.dma_trace.append(event)
+        log.warning("%s: %s", self.spec.name, event)
 
     # -- ioctls -------------------------------------------------------------------------------------
     @property
