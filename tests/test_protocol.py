@@ -298,14 +298,14 @@ def test_decode_accepts_empty_payload_for_non_buffer_arg(op):
     "refs",
     [
         fdref(3, 0),  # kind 0 is not a kind
-        fdref(3, 5),
+        fdref(3, 6),
         fdref(3, 0xFFFF_FFFF),
         fdref(-1, FD_FOREIGN),
         fdref(-(2**31), FD_HANDLE, TOKEN_A),
         fdref(3, FD_HANDLE, TOKEN_A) + fdref(3, FD_FOREIGN),  # duplicate fd
         fdref(4, FD_NOT_OPEN) + fdref(4, FD_NOT_OPEN),
     ],
-    ids=["kind-0", "kind-5", "kind-max", "fd-minus-1", "fd-int-min", "dup-fd", "dup-identical"],
+    ids=["kind-0", "kind-6", "kind-max", "fd-minus-1", "fd-int-min", "dup-fd", "dup-identical"],
 )
 def test_decode_rejects_bad_fd_reference(refs):
     header = encode_request(Request(OP_IOCTL, 1, ARG_NULL))

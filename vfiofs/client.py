@@ -189,9 +189,26 @@ def ioctl(fd: int, request: int, arg: Arg = None) -> int:
         reply = _transact(fd, req, len(req.payload))
     except ValueError as exc:  # request too large for the mailbox
         raise OSError(errno.EINVAL, str(exc)) from None
+    except OSError:
+        if request in WRITEBACK_ON_ERROR and not view_readonly(arg):
+            _copy_back_after_failure(fd, arg, len(req.payload))
+        raise
     if not view_readonly(arg) and reply.payload:
         memoryview(arg).cast("B")[: len(reply.payload)] = reply.payload
     return reply.result
+
+
+# Commands whose kernel code copies results out and then fails (the caller sees both).
+WRITEBACK_ON_ERROR = {IOMMU_IOAS_IOVA_RANGES}
+
+
+def _copy_back_after_failure(fd: int, arg: Arg, room: int) -> None:
+    offset = protocol.control_offset(threading.get_native_id() & protocol.MAX_TAG)
+    try:
+        reply = protocol.decode_reply(os.pread(fd, protocol.REPLY_HEADER_SIZE + room, offset))
+    except (OSError, VfioError):
+        return  # nothing was written back
+    memoryview(arg).cast("B")[: len(reply.payload)] = reply.payload
 
 
 def view_readonly(arg: Arg) -> bool:

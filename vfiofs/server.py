@@ -28,6 +28,11 @@ Handle = Union[DeviceFile, IommuFile]
 MAX_PENDING_REPLIES = 1024
 
 
+class _FailedWithWriteback(Exception):
+    def __init__(self, error: VfioError, payload: bytes) -> None:
+        self.error, self.payload = error, payload
+
+
 class OpenFile:
     """A handle plus what the transport keeps for it."""
 
@@ -101,13 +106,20 @@ class Server:
         tag = protocol.slot_tag(offset)
         entry.replies.pop(tag, None)  # a new request always discards the slot's old reply
         request = protocol.decode_request(message)
-        result, payload = self._execute(entry, request)
+        try:
+            result, payload = self._execute(entry, request)
+        except _FailedWithWriteback as failed:
+            # The command wrote to the caller's buffer and then failed (IOVA_RANGES' EMSGSIZE):
+            # keep the buffer for the client to read, and fail the write as the ioctl fails.
+            self._store(entry, tag, request, -failed.error.errno, failed.payload)
+            raise failed.error from None
+        self._store(entry, tag, request, result, payload)
+        return len(message)
+
+    def _store(self, entry: OpenFile, tag: int, request: Request, result: int, payload: bytes) -> None:
         if len(entry.replies) >= MAX_PENDING_REPLIES:
             entry.replies.popitem(last=False)
-        entry.replies[tag] = protocol.encode_reply(
-            protocol.Reply(request.op, request.request, result, payload)
-        )
-        return len(message)
+        entry.replies[tag] = protocol.encode_reply(protocol.Reply(request.op, request.request, result, payload))
 
     def _execute(self, entry: OpenFile, request: Request) -> tuple[int, bytes]:
         if request.op == OP_GET_TOKEN:
@@ -128,7 +140,12 @@ class Server:
         try:
             arg = IoctlArg(buf=buf, value=request.arg_value, files=self._resolve_fds(entry, request),
                            process=self._caller(entry, request))
-            result = entry.handle.ioctl(request.request, arg)
+            try:
+                result = entry.handle.ioctl(request.request, arg)
+            except VfioError as error:
+                if buf.written:
+                    raise _FailedWithWriteback(error, bytes(buf.data or b"")) from None
+                raise
         finally:
             if self.channel is not None:
                 for parcel in parcels:  # descriptors the command did not keep are closed

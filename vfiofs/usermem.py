@@ -22,6 +22,7 @@ class UserBuffer:
 
     def __init__(self, data: bytes | bytearray | None) -> None:
         self.data = None if data is None else bytearray(data)
+        self.written = False  # copy_to_user happened (some commands write back and then fail)
 
     def __len__(self) -> int:
         return 0 if self.data is None else len(self.data)
@@ -42,6 +43,7 @@ class UserBuffer:
     def copy_to(self, offset: int, payload: bytes) -> None:
         data = self._check(offset, len(payload))
         data[offset : offset + len(payload)] = payload
+        self.written = True
 
     def read_struct(self, struct_type: type[S], size: int | None = None) -> S:
         """copy_from_user of the first ``size`` bytes (default: the whole struct), zero-filled."""
