@@ -60,7 +60,6 @@ from vfiofs.client import (  # noqa: E402
 )
 
 pc = time.perf_counter_ns
-NA = "n/a (not implemented yet)"
 CONTROL = 1 << 62  # mailbox offset used for the C / bare pyfuse3 pairs
 READY_TIMEOUT = 60.0
 
@@ -739,9 +738,51 @@ def bench_irq(h: Harness, n: int) -> None:
            label="interrupt: model raises MSI-X -> driver's epoll wakes (2 ms apart)")
 
 
-def not_implemented() -> None:
-    for name, label in (("dma_throughput", "DMA throughput"),):
-        figure(name, "n/a", None, label=label, note=NA)
+def bench_dma(h: Harness, n: int) -> None:
+    """Device DMA into the driver's buffer (timed inside the device model) vs memcpy of the same size."""
+    import mmap as _mmap
+
+    vfs = h.start_vfiofs(BENCH / "models", pythonpath=BENCH / "models")
+    iommu, dev = bound_device(vfs.mountpoint, 0)
+    try:
+        ioas = iommu.ioas_alloc()
+        dev.attach_iommufd_pt(ioas)
+        buf = _mmap.mmap(-1, 1 << 20)
+        buf[:] = os.urandom(len(buf))
+        iova = iommu.map_buffer(ioas, buf, iova=0x100000)
+        dev.write(0, 0x10, iova.to_bytes(8, "little"))
+        for size, label in ((4096, "4 KiB"), (1 << 20, "1 MiB")):
+            dev.write(0, 0x18, size.to_bytes(8, "little"))
+            for command, kind in ((1, "read"), (2, "write")):
+                device_ns = []
+                for _ in range(n):
+                    dev.write(0, 0x20, command.to_bytes(4, "little"))
+                    device_ns.append(int.from_bytes(dev.read(0, 0x28, 8), "little"))
+                copy = buf if kind == "read" else _mmap.mmap(-1, size)
+                source = bytes(size)
+
+                def memcpy(count: int) -> list[int]:
+                    out = []
+                    for _ in range(count):
+                        t = pc()
+                        if kind == "read":
+                            copy[:size]
+                        else:
+                            copy[:size] = source
+                        out.append(pc() - t)
+                    return out
+
+                base = ns_to_us(memcpy(n))
+                figure(f"dma.{kind}_{size}", "us", ns_to_us(device_ns), "memcpy of the same size", base,
+                       target=">= 0.3x memcpy throughput (time <= 3.33x)" if size == 1 << 20 else None,
+                       limit=1 / 0.3 if size == 1 << 20 else None,
+                       label=f"DMA {kind} of {label} into the driver's memory (device-side time)")
+        iommu.unmap(ioas)
+        buf.close()
+    finally:
+        dev.close()
+        iommu.close()
+        h.stop(vfs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -858,6 +899,8 @@ def main() -> int:
         print("bench: mmap'd BAR done", flush=True)
         bench_irq(h, max(100, n_bind // 2))
         print("bench: interrupt latency done", flush=True)
+        bench_dma(h, max(50, n_bind // 10))
+        print("bench: DMA done", flush=True)
         h.stop(bare)
         bench_scaling(h, counts, mounts, n_lat // 2, n_lookup)
         print("bench: 4/5 scaling done", flush=True)
@@ -868,11 +911,10 @@ def main() -> int:
         bench_unpinned_read(h, vfs, c, n_lat // 4)
         bench_concurrency(h, vfs, c, n_conc, reps)
         print("bench: 5/5 concurrency done", flush=True)
-        not_implemented()
     finally:
         h.close()
     # order the figures as in the README: 1 trapped, 2 control, 3 open/bind, 4 scaling, 5 concurrency, 6 n/a
-    order = ("read4", "write4", "control", "open_bind", "mmap_bar", "irq_latency", "scale", "concurrency")
+    order = ("read4", "write4", "control", "open_bind", "mmap_bar", "irq_latency", "dma", "scale", "concurrency")
     FIGURES.sort(key=lambda f: next((i for i, p in enumerate(order) if f["name"].startswith(p)), len(order)))
     result = {
         "machine": info,

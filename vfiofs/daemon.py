@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import resource
@@ -47,6 +48,18 @@ def build_server(definitions: Sequence[Definition], state_dir: Path | None = Non
     return Server(devices, channel=FdChannel())
 
 
+def keep_large_allocations_on_the_heap() -> None:
+    """DMA buffers are large and short-lived; glibc would mmap each one afresh and the kernel
+    would fault in every page of it on every transfer (measured: 800 µs instead of 100 µs per
+    1 MiB DMA). Keep them on the heap, where freed memory is reused."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 256 << 20)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 def raise_fd_limit() -> None:
     """Each BAR holds a memfd: allow as many open files as the hard limit permits."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -67,6 +80,7 @@ def serve(
 ) -> None:
     """Mount and serve in this process until SIGINT/SIGTERM; always unmounts."""
     raise_fd_limit()
+    keep_large_allocations_on_the_heap()
     server = build_server(definitions, state_dir)
     try:
         _serve(server, mountpoint, options, on_ready)

@@ -101,27 +101,24 @@ class IoasDma(DmaPort):
         return fault
 
     def read(self, iova: int, size: int) -> bytes:
-        out = bytearray()
-        for mapping, addr, n in self._pieces(iova, size, write=False):
-            try:
-                out += mapping.memory.read(addr, n)
-            except OSError as exc:
-                raise self._fault(iova, size, f"the process's memory is gone ({exc.strerror})") from None
-        return bytes(out)
+        pieces = self._pieces(iova, size, write=False)
+        try:
+            if len(pieces) == 1:
+                mapping, addr, n = pieces[0]
+                return mapping.memory.read(addr, n)
+            return b"".join(mapping.memory.read(addr, n) for mapping, addr, n in pieces)
+        except OSError as exc:
+            raise self._fault(iova, size, f"the process's memory is not accessible ({exc.strerror})") from None
 
     def write(self, iova: int, data: bytes) -> None:
-        pieces = self._pieces(iova, len(data), write=True)
-        for mapping, addr, n in pieces:  # page protections may have changed since the map
-            try:
-                mapping.memory.check_range(addr, n, write=True)
-            except VfioError as exc:
-                raise self._fault(iova, len(data), exc.detail) from None
+        """All pieces are checked against the mappings first; the process's own page
+        protections are enforced by the kernel on each piece."""
         done = 0
-        for mapping, addr, n in pieces:
+        for mapping, addr, n in self._pieces(iova, len(data), write=True):
             try:
                 mapping.memory.write(addr, data[done : done + n])
             except OSError as exc:
-                raise self._fault(iova, len(data), f"the process's memory is gone ({exc.strerror})") from None
+                raise self._fault(iova, len(data), f"the process's memory is not writable ({exc.strerror})") from None
             done += n
 
 

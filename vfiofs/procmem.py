@@ -15,6 +15,7 @@ the client library does. Without those rights the map is refused with EPERM.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import select
@@ -48,12 +49,32 @@ class Vma:
     writable: bool
 
 
-class ProcessMemory:
-    """The address space of one client process, reached through /proc/<pid>/mem."""
+class _iovec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
-    def __init__(self, pid: int, mem_fd: int) -> None:
+
+_libc = ctypes.CDLL(None, use_errno=True)
+for _name in ("process_vm_readv", "process_vm_writev"):
+    getattr(_libc, _name).argtypes = [ctypes.c_int, ctypes.POINTER(_iovec), ctypes.c_ulong,
+                                      ctypes.POINTER(_iovec), ctypes.c_ulong, ctypes.c_ulong]
+    getattr(_libc, _name).restype = ctypes.c_ssize_t
+
+
+class ProcessMemory:
+    """The address space of one client process.
+
+    Identity and permission are settled once, at :meth:`open`. Transfers use
+    process_vm_readv/writev, which honour the process's page protections, and the pidfd is
+    checked before and after each one: a transfer that overlaps the process's exit is
+    reported as failed and its data discarded. (Between that check and the syscall the pid
+    could only name another process if the kernel handed out that same pid again, which
+    takes a full cycle through pid_max.)
+    """
+
+    def __init__(self, pid: int, mem_fd: int, pidfd: int = -1) -> None:
         self.pid = pid
         self.mem_fd = mem_fd
+        self.pidfd = pidfd
 
     @classmethod
     def open(cls, pidfd: int) -> "ProcessMemory":
@@ -68,7 +89,7 @@ class ProcessMemory:
         if not alive(pidfd):  # opened after the process died: the pid may name someone else now
             os.close(mem_fd)
             raise VfioError(errno.EPERM, "the calling process exited while its memory was being opened")
-        return cls(pid, mem_fd)
+        return cls(pid, mem_fd, os.dup(pidfd))
 
     def vmas(self) -> list[Vma]:
         try:
@@ -97,17 +118,33 @@ class ProcessMemory:
         raise VfioError(errno.EFAULT, f"{addr:#x}+{length:#x} is not {'writable' if write else 'readable'} "
                         f"memory of process {self.pid}")
 
-    def read(self, addr: int, size: int) -> bytes:
-        data = os.pread(self.mem_fd, size, addr)
-        if len(data) != size:
-            raise OSError(errno.EIO, "short read of process memory")
-        return data
+    def _transfer(self, call, addr: int, buffer, size: int) -> None:
+        if self.pidfd < 0 or not alive(self.pidfd):
+            raise OSError(errno.ESRCH, "the process has exited")
+        local = _iovec(ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if size else None, size)
+        remote = _iovec(addr, size)
+        done = call(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+        if done < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+        if done != size:
+            raise OSError(errno.EFAULT, "partial transfer: part of the range is not accessible")
+        if not alive(self.pidfd):
+            raise OSError(errno.ESRCH, "the process exited during the transfer")
+
+    def read(self, addr: int, size: int) -> bytearray:
+        buffer = bytearray(size)  # handed to the model as is: no second copy
+        if size:
+            self._transfer(_libc.process_vm_readv, addr, buffer, size)
+        return buffer
 
     def write(self, addr: int, data: bytes) -> None:
-        if os.pwrite(self.mem_fd, data, addr) != len(data):
-            raise OSError(errno.EIO, "short write to process memory")
+        if data:
+            self._transfer(_libc.process_vm_writev, addr, bytearray(data), len(data))
 
     def close(self) -> None:
-        if self.mem_fd >= 0:
-            os.close(self.mem_fd)
-            self.mem_fd = -1
+        for attr in ("mem_fd", "pidfd"):
+            fd = getattr(self, attr)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, attr, -1)

@@ -4,6 +4,9 @@ Writing N to BAR0+0 starts N raises, ``interval_us`` apart (BAR0+4, default 2000
 each raise the device stores ``time.monotonic_ns()`` at BAR2+0, so a driver woken by the
 eventfd can read, through its mapping and without a FUSE round trip, when the interrupt
 was raised.
+
+DMA: BAR0+0x10 IOVA, +0x18 size, +0x20 command (1 read from IOVA, 2 write to IOVA); the
+device times the transfer itself and stores the nanoseconds at BAR0+0x28.
 """
 
 import time
@@ -19,7 +22,22 @@ class IrqBenchDevice(DeviceModel):
         if index == 0 and offset == 0:
             self.spawn(self._raise_many, int.from_bytes(data, "little"))
             return
+        if index == 0 and offset == 0x20:
+            self._dma(int.from_bytes(data, "little"))
+            return
         super().bar_write(index, offset, data)
+
+    def _dma(self, command: int) -> None:
+        iova = int.from_bytes(self.bar_read(0, 0x10, 8), "little")
+        size = int.from_bytes(self.bar_read(0, 0x18, 8), "little")
+        payload = bytes(size) if command == 2 else b""
+        start = time.perf_counter_ns()
+        if command == 1:
+            self.dma_read(iova, size)
+        else:
+            self.dma_write(iova, payload)
+        elapsed = time.perf_counter_ns() - start
+        super().bar_write(0, 0x28, elapsed.to_bytes(8, "little"))
 
     async def _raise_many(self, count: int) -> None:
         interval = (int.from_bytes(self.bar_read(0, 4, 4), "little") or 2000) / 1e6
