@@ -35,7 +35,7 @@ DEFAULT = PciIdentity(
     interrupt_pin=0,
 )
 
-MODEL_CHOICES = 'must be one of generic, ram or "package.module:Class", got '
+MODEL_CHOICES = 'must be one of edu, generic, ram or "package.module:Class", got '
 
 
 def write(directory: Path, filename: str, text: str | bytes) -> Path:
@@ -114,14 +114,14 @@ def test_bundled_directory_loads_in_file_order():
     directory = bundled_directory()
     assert directory.is_dir()
     definitions = load_directory(directory)
-    assert [d.name for d in definitions] == ["ram-64k", "ram-1m", "showcase"]
-    assert [d.path.name for d in definitions] == ["ram0.toml", "ram1.toml", "showcase.toml"]
-    assert [d.model for d in definitions] == ["generic", "generic", "generic"]
+    assert [d.name for d in definitions] == ["ram-64k", "ram-1m", "showcase", "edu"]
+    assert [d.path.name for d in definitions] == ["ram0.toml", "ram1.toml", "showcase.toml", "vedu.toml"]
+    assert [d.model for d in definitions] == ["generic", "generic", "generic", "edu"]
     assert all(d.spec.name == d.name and d.spec.source == d.path for d in definitions)
 
 
 def test_bundled_ram_devices():
-    ram64k, ram1m, _ = load_directory(bundled_directory())
+    ram64k, ram1m, *_ = load_directory(bundled_directory())
     assert ram64k.spec.bars == (BarSpec(index=0, size=64 * 1024, mmap=True),)
     assert ram1m.spec.bars == (BarSpec(index=0, size=1 << 20, is_64bit=True, prefetchable=True, mmap=True),)
     assert ram64k.identity == DEFAULT
@@ -333,7 +333,7 @@ def test_unreadable_file(tmp_path):
 
 def test_unknown_top_level_field(tmp_path):
     exc = refused_text(tmp_path, 'colour = "red"\n', "colour")
-    assert exc.reason == "unknown field (known: bar, capability, model, name, pci, ram, rom)"
+    assert exc.reason == "unknown field (known: bar, capability, iommu_group, model, name, pci, ram, rom)"
 
 
 @pytest.mark.parametrize("section", ["pci", "rom"])

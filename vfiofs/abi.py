@@ -75,6 +75,47 @@ VFIO_UNMAP_ALL = 9
 VFIO_UPDATE_VADDR = 10
 
 
+class vfio_group_status(_Struct):
+    _fields_ = [("argsz", u32), ("flags", u32)]
+
+
+VFIO_GROUP_FLAGS_VIABLE = 1 << 0
+VFIO_GROUP_FLAGS_CONTAINER_SET = 1 << 1
+
+
+class vfio_iommu_type1_info(_Struct):
+    _fields_ = [("argsz", u32), ("flags", u32), ("iova_pgsizes", u64), ("cap_offset", u32), ("pad", u32)]
+
+
+VFIO_IOMMU_INFO_PGSIZES = 1 << 0
+VFIO_IOMMU_INFO_CAPS = 1 << 1
+VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE = 1
+VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION = 2
+VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL = 3
+
+
+class vfio_iova_range(_Struct):
+    _fields_ = [("start", u64), ("end", u64)]
+
+
+class vfio_iommu_type1_dma_map(_Struct):
+    _fields_ = [("argsz", u32), ("flags", u32), ("vaddr", u64), ("iova", u64), ("size", u64)]
+
+
+VFIO_DMA_MAP_FLAG_READ = 1 << 0
+VFIO_DMA_MAP_FLAG_WRITE = 1 << 1
+VFIO_DMA_MAP_FLAG_VADDR = 1 << 2
+
+
+class vfio_iommu_type1_dma_unmap(_Struct):
+    _fields_ = [("argsz", u32), ("flags", u32), ("iova", u64), ("size", u64)]
+
+
+VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP = 1 << 0
+VFIO_DMA_UNMAP_FLAG_ALL = 1 << 1
+VFIO_DMA_UNMAP_FLAG_VADDR = 1 << 2
+
+
 class vfio_info_cap_header(_Struct):
     _fields_ = [("id", u16), ("version", u16), ("next", u32)]
 
@@ -347,6 +388,11 @@ def _check_layouts() -> None:
         iommu_ioas_map: 40,
         iommu_ioas_map_file: 40,
         iommu_ioas_unmap: 24,
+        vfio_group_status: 8,
+        vfio_iommu_type1_info: 24,
+        vfio_iova_range: 16,
+        vfio_iommu_type1_dma_map: 32,
+        vfio_iommu_type1_dma_unmap: 24,
     }
     for struct, size in expected.items():
         if ctypes.sizeof(struct) != size:  # pragma: no cover - guards edits

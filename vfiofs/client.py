@@ -28,6 +28,19 @@ from .abi import (
     VFIO_DEVICE_GET_INFO,
     VFIO_DEVICE_GET_REGION_INFO,
     VFIO_DEVICE_RESET,
+    VFIO_CHECK_EXTENSION,
+    VFIO_DMA_MAP_FLAG_READ,
+    VFIO_DMA_MAP_FLAG_WRITE,
+    VFIO_DMA_UNMAP_FLAG_ALL,
+    VFIO_GROUP_GET_DEVICE_FD,
+    VFIO_GROUP_GET_STATUS,
+    VFIO_GROUP_SET_CONTAINER,
+    VFIO_GROUP_UNSET_CONTAINER,
+    VFIO_IOMMU_GET_INFO,
+    VFIO_IOMMU_MAP_DMA,
+    VFIO_IOMMU_UNMAP_DMA,
+    VFIO_SET_IOMMU,
+    VFIO_TYPE1v2_IOMMU,
     VFIO_DEVICE_GET_IRQ_INFO,
     VFIO_DEVICE_SET_IRQS,
     VFIO_IRQ_SET_ACTION_TRIGGER,
@@ -55,6 +68,10 @@ from .abi import (
     vfio_device_bind_iommufd,
     vfio_device_detach_iommufd_pt,
     vfio_device_info,
+    vfio_group_status,
+    vfio_iommu_type1_dma_map,
+    vfio_iommu_type1_dma_unmap,
+    vfio_iommu_type1_info,
     vfio_irq_info,
     vfio_irq_set,
     vfio_region_info,
@@ -68,6 +85,7 @@ Arg = Union[None, int, bytes, bytearray, memoryview, ctypes.Structure, ctypes.Ar
 # so they can be resolved in the caller's own process before the request leaves it.
 FD_FIELDS: dict[int, tuple[int, ...]] = {
     VFIO_DEVICE_BIND_IOMMUFD: (vfio_device_bind_iommufd.iommufd.offset,),
+    VFIO_GROUP_SET_CONTAINER: (0,),  # the argument points to an int holding the container fd
 }
 
 
@@ -143,7 +161,7 @@ def _pass_eventfds(fd: int, payload: bytes) -> dict[int, FdRef]:
 
 # Commands that reach into the caller's memory (mappings, pointers in their structs): the
 # daemon must be able to prove which process asked (docs/protocol.md §12).
-PROCESS_COMMANDS = {IOMMU_IOAS_MAP, IOMMU_IOAS_IOVA_RANGES}
+PROCESS_COMMANDS = {IOMMU_IOAS_MAP, IOMMU_IOAS_IOVA_RANGES, VFIO_IOMMU_MAP_DMA}
 PR_SET_PTRACER = 0x59616D61
 
 
@@ -195,7 +213,24 @@ def ioctl(fd: int, request: int, arg: Arg = None) -> int:
         raise
     if not view_readonly(arg) and reply.payload:
         memoryview(arg).cast("B")[: len(reply.payload)] = reply.payload
+    if request == VFIO_GROUP_GET_DEVICE_FD:
+        return _open_granted_device(fd, reply.result)
     return reply.result
+
+
+def _open_granted_device(group_fd: int, result: int) -> int:
+    """GET_DEVICE_FD returns a new fd in the kernel: open the device node and claim the
+    daemon's grant on that new handle, then hand its fd number to the caller."""
+    index, ticket = result & 0xFFFF, result >> 16
+    group_path = os.readlink(f"/proc/self/fd/{group_fd}")  # <mount>/vfio/<N>
+    root = os.path.dirname(os.path.dirname(group_path))
+    new_fd = os.open(os.path.join(root, "vfio", "devices", f"vfio{index}"), os.O_RDWR | os.O_CLOEXEC)
+    try:
+        _transact(new_fd, protocol.Request(protocol.OP_CLAIM, arg_kind=protocol.ARG_NULL, arg_value=ticket), 0)
+    except BaseException:
+        os.close(new_fd)
+        raise
+    return new_fd
 
 
 # Commands whose kernel code copies results out and then fails (the caller sees both).
@@ -223,6 +258,13 @@ class _Node:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+
+    @classmethod
+    def from_fd(cls, fd: int):
+        """Wrap an fd this process already has (e.g. from VFIO_GROUP_GET_DEVICE_FD)."""
+        node = cls.__new__(cls)
+        node.path, node.fd = os.readlink(f"/proc/self/fd/{fd}"), fd
+        return node
 
     def fileno(self) -> int:
         if self.fd < 0:
@@ -398,3 +440,59 @@ class VfioDevice(_Node):
     def write(self, index: int, offset: int, data: bytes) -> int:
         """pwrite() to region ``index``; returns the number of bytes the device took."""
         return os.pwrite(self.fileno(), data, VFIO_PCI_INDEX_TO_OFFSET(index) + offset)
+
+
+class VfioContainer(_Node):
+    """An open of ``vfio/vfio``: the legacy container (type1 IOMMU)."""
+
+    def check_extension(self, extension: int) -> int:
+        return self.ioctl(VFIO_CHECK_EXTENSION, extension)
+
+    def set_iommu(self, iommu_type: int = VFIO_TYPE1v2_IOMMU) -> None:
+        self.ioctl(VFIO_SET_IOMMU, iommu_type)
+
+    def get_info(self) -> bytearray:
+        """VFIO_IOMMU_GET_INFO with room for its capabilities; returns the raw buffer."""
+        info = vfio_iommu_type1_info(argsz=ctypes.sizeof(vfio_iommu_type1_info))
+        self.ioctl(VFIO_IOMMU_GET_INFO, info)
+        buf = bytearray(max(info.argsz, ctypes.sizeof(info)))
+        struct.pack_into("<I", buf, 0, len(buf))
+        self.ioctl(VFIO_IOMMU_GET_INFO, buf)
+        return buf
+
+    def map_dma(self, vaddr: int, iova: int, size: int, read: bool = True, write: bool = True) -> None:
+        flags = (VFIO_DMA_MAP_FLAG_READ if read else 0) | (VFIO_DMA_MAP_FLAG_WRITE if write else 0)
+        self.ioctl(VFIO_IOMMU_MAP_DMA, vfio_iommu_type1_dma_map(argsz=ctypes.sizeof(vfio_iommu_type1_dma_map),
+                                                               flags=flags, vaddr=vaddr, iova=iova, size=size))
+
+    def map_buffer(self, buffer, iova: int, read: bool = True, write: bool = True) -> None:
+        self.map_dma(ctypes.addressof(ctypes.c_char.from_buffer(buffer)), iova, len(buffer), read, write)
+
+    def unmap_dma(self, iova: int = 0, size: int = 0, unmap_all: bool = False) -> int:
+        cmd = vfio_iommu_type1_dma_unmap(argsz=ctypes.sizeof(vfio_iommu_type1_dma_unmap), iova=iova, size=size,
+                                         flags=VFIO_DMA_UNMAP_FLAG_ALL if unmap_all else 0)
+        self.ioctl(VFIO_IOMMU_UNMAP_DMA, cmd)
+        return cmd.size
+
+
+class VfioGroup(_Node):
+    """An open of ``vfio/<N>``: a legacy IOMMU group."""
+
+    def get_status(self) -> int:
+        status = vfio_group_status(argsz=ctypes.sizeof(vfio_group_status))
+        self.ioctl(VFIO_GROUP_GET_STATUS, status)
+        return status.flags
+
+    def set_container(self, container: VfioContainer | int) -> None:
+        number = container.fileno() if isinstance(container, VfioContainer) else container
+        self.ioctl(VFIO_GROUP_SET_CONTAINER, ctypes.c_int32(number))
+
+    def unset_container(self) -> None:
+        self.ioctl(VFIO_GROUP_UNSET_CONTAINER)
+
+    def get_device_fd(self, name: str) -> int:
+        """VFIO_GROUP_GET_DEVICE_FD by device name (the PCI address); a new fd, granted at once."""
+        return self.ioctl(VFIO_GROUP_GET_DEVICE_FD, ctypes.create_string_buffer(name.encode()))
+
+    def get_device(self, name: str) -> VfioDevice:
+        return VfioDevice.from_fd(self.get_device_fd(name))

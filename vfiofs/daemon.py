@@ -23,7 +23,8 @@ from .tasks import TrioScheduler
 from .fuse_ops import VfioOperations
 from .regions import StateFileError
 from .server import Server
-from .state import Device
+from . import sysfs
+from .state import Device, Group
 from .vfio_pci import VfioPciDevice
 
 log = logging.getLogger(__name__)
@@ -38,9 +39,13 @@ class MountError(Exception):
 def build_server(definitions: Sequence[Definition], state_dir: Path | None = None) -> Server:
     """Instantiate every device; MountError if a persistent region's state file is unusable."""
     devices = []
+    groups: dict[int, Group] = {}
     try:
         for index, definition in enumerate(definitions):
-            devices.append(Device(index, definition.name, VfioPciDevice(definition.build(state_dir))))
+            number = definition.spec.iommu_group if definition.spec.iommu_group is not None else index
+            group = groups.setdefault(number, Group(number))
+            devices.append(Device(index, definition.name, VfioPciDevice(definition.build(state_dir)), group,
+                                  bdf=sysfs.bdf(index)))
     except (StateFileError, ValueError) as exc:
         for device in devices:
             device.driver.model.shutdown()

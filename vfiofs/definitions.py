@@ -8,6 +8,7 @@ The complete format, with an example using every feature, is in docs/definitions
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import re
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .model import DeviceModel
+from .models.edu import EduDevice
+from .models.uart import Uart16550
 from .spec import ACCESS_KINDS, CAPABILITY_KINDS, PAGE_SIZE, BarSpec, Capability, DeviceSpec, PciIdentity, Register
 
 if sys.version_info >= (3, 11):
@@ -54,7 +57,7 @@ _UNITS = {None: 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MODEL_PATH = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
-_TOP = {"model", "name", "pci", "ram", "bar", "rom", "capability"}
+_TOP = {"model", "name", "pci", "ram", "bar", "rom", "capability", "iommu_group"}
 _PCI = {"vendor", "device", "subsystem_vendor", "subsystem_device", "class", "revision", "interrupt_pin"}
 _BAR = {"index", "size", "kind", "bits", "prefetchable", "mmap", "mmap_areas", "persist", "register"}
 _REGISTER = {"offset", "width", "reset", "access", "name"}
@@ -329,7 +332,8 @@ def _ram_shorthand(reader: _Reader, data: dict[str, Any]) -> tuple[BarSpec, ...]
 
 
 # model name → factory taking the DeviceSpec
-MODELS: dict[str, Callable[..., DeviceModel]] = {"generic": DeviceModel, "ram": DeviceModel}
+MODELS: dict[str, Callable[..., DeviceModel]] = {"generic": DeviceModel, "ram": DeviceModel, "edu": EduDevice,
+                                                 "uart16550": Uart16550}
 
 
 def load_definition(path: Path) -> Definition:
@@ -349,8 +353,10 @@ def load_definition(path: Path) -> Definition:
     if "ram" in data and model != "ram":
         raise reader.fail("ram", "only goes with model = \"ram\"")
     bars = _ram_shorthand(reader, data) if model == "ram" else _bars(reader, data)
+    group = reader.integer(data, "iommu_group", "iommu_group", 16) if "iommu_group" in data else None
     spec = DeviceSpec(name=name, model=str(model), identity=_identity(reader, data), bars=bars,
-                      rom=_rom(reader, data), capabilities=_capabilities(reader, data, bars), source=path)
+                      rom=_rom(reader, data), capabilities=_capabilities(reader, data, bars), source=path,
+                      iommu_group=group)
     try:
         from .pci_config import layout_capabilities
 
@@ -373,7 +379,24 @@ def load_directory(directory: Path) -> list[Definition]:
         if definition.name in seen:
             raise DefinitionError(definition.path, "name", f"{definition.name!r} is already used by {seen[definition.name]}")
         seen[definition.name] = definition.path
+    assign_groups(definitions)
     return definitions
+
+
+def assign_groups(definitions: list[Definition]) -> None:
+    """Devices that name no IOMMU group get one of their own: their index if it is free."""
+    taken = {d.spec.iommu_group for d in definitions if d.spec.iommu_group is not None}
+    candidate = 0
+    for index, definition in enumerate(definitions):
+        if definition.spec.iommu_group is not None:
+            continue
+        group = index if index not in taken else None
+        while group is None:
+            if candidate not in taken:
+                group = candidate
+            candidate += 1
+        taken.add(group)
+        definition.spec = dataclasses.replace(definition.spec, iommu_group=group)
 
 
 def bundled_directory() -> Path:

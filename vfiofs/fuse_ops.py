@@ -8,6 +8,13 @@ daemon, and a larger errno would leave the caller hanging.
 It also serves the read-only ``sys/`` tree that :mod:`vfiofs.sysfs` computes (files,
 directories, symlinks): those files never reach the Server; their handles live in a
 table of their own, numbered from ``SYSFS_FH_BASE``.
+
+And it serves ``ports/vfioN`` for every device whose model has a host side (``host_read``
+and ``host_write``, such as the 16550 UART): the other end of the device's serial line.
+Reading takes what the driver transmitted, writing feeds what the driver receives; both
+fail with EAGAIN instead of waiting (the daemon runs one task), and ``poll`` reports
+POLLIN/POLLOUT and wakes waiters when the model says data arrived or room appeared. Their
+handles also live in a table of their own, numbered from ``PORTS_FH_BASE``.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import errno
 import itertools
 import logging
 import os
+import select
 import stat
 import time
 from dataclasses import dataclass, field
@@ -30,8 +38,13 @@ from .server import Server
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 300.0  # the tree never changes while mounted
+GROUP_INODE_BASE = 1 << 20  # vfio/<N> group nodes
 SYSFS_INODE_BASE = 1 << 24  # sys/ nodes: far above the fixed inodes (100 + device index)
 SYSFS_FH_BASE = 1 << 48  # sys/ file handles: the Server's numbers start at 1
+PORTS_INODE_BASE = 1 << 22  # the ports/ directory; ports/vfioN is PORTS_INODE_BASE + 1 + N
+PORTS_FH_BASE = 1 << 47  # ports/ file handles
+# What poll reports for a file without a poll method (the kernel's DEFAULT_POLLMASK).
+DEFAULT_POLLMASK = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
 
 
 @dataclass
@@ -44,6 +57,15 @@ class Node:
     content: bytes | None = None  # sys/ files: their fixed contents (no opener)
     target: bytes | None = None  # symlinks: what readlink returns
     size: int = 0  # st_size
+    port: object | None = None  # ports/ files: the device model whose host side they are
+
+
+@dataclass
+class PortFile:
+    """An open ``ports/vfioN``: the model's host side, and the latest poll handle to wake."""
+
+    model: object
+    poll_handle: object | None = None  # pyfuse3.PollHandle, good for one notification
 
 
 def _failure(exc: BaseException, what: str, fh: int = 0, off: int = 0) -> pyfuse3.FUSEError:
@@ -71,8 +93,14 @@ class VfioOperations(pyfuse3.Operations):
         iommu = self._add(2, b"iommu", stat.S_IFREG | file_mode, server.open_iommu)
         vfio = self._add(3, b"vfio", stat.S_IFDIR | 0o755)
         devices = self._add(4, b"devices", stat.S_IFDIR | 0o755)
+        # The legacy container is an unprivileged interface, as /dev/vfio/vfio (0666) is.
+        container = self._add(5, b"vfio", stat.S_IFREG | 0o666, server.open_container)
         root.children = {iommu.name: iommu, vfio.name: vfio}
-        vfio.children = {devices.name: devices}
+        vfio.children = {devices.name: devices, container.name: container}
+        for number in sorted(server.groups):
+            group = self._add(GROUP_INODE_BASE + number, str(number).encode(), stat.S_IFREG | file_mode,
+                              lambda uid, number=number: server.open_group(number, uid))
+            vfio.children[group.name] = group
         for device in server.devices:
             node = self._add(
                 100 + device.index,
@@ -81,6 +109,9 @@ class VfioOperations(pyfuse3.Operations):
                 lambda uid, index=device.index: server.open_device(index, uid),
             )
             devices.children[node.name] = node
+        self._port_files: dict[int, PortFile] = {}  # ports/ file handles
+        self._port_fhs = itertools.count(PORTS_FH_BASE)
+        self._add_ports(root, server.devices, file_mode)
         self._sysfs_open: dict[int, bytes] = {}  # sys/ file handles -> contents
         self._sysfs_fhs = itertools.count(SYSFS_FH_BASE)
         try:
@@ -105,6 +136,38 @@ class VfioOperations(pyfuse3.Operations):
                 node = self._add(inode, name.encode(), stat.S_IFREG | 0o444)
                 node.content, node.size = entry.content, entry.size
             dirs[parent_path].children[node.name] = node
+
+    def _add_ports(self, root: Node, devices: list, file_mode: int) -> None:
+        """``ports/vfioN`` for every device whose model has a host side (duck typing)."""
+        ports = None
+        for device in devices:
+            model = getattr(getattr(device, "driver", None), "model", None)
+            if not (callable(getattr(model, "host_read", None)) and callable(getattr(model, "host_write", None))):
+                continue
+            if ports is None:
+                ports = self._add(PORTS_INODE_BASE, b"ports", stat.S_IFDIR | 0o755)
+                root.children[ports.name] = ports
+            node = self._add(PORTS_INODE_BASE + 1 + device.index, f"vfio{device.index}".encode(),
+                             stat.S_IFREG | file_mode)
+            node.port = model
+            ports.children[node.name] = node
+            wake = lambda model=model: self._port_event(model)  # noqa: E731
+            model.on_host_readable = wake
+            if hasattr(model, "on_host_writable"):
+                model.on_host_writable = wake
+
+    def _port_event(self, model: object) -> None:
+        """The model has news for its host side: wake every poller of its port (never raises)."""
+        try:
+            for port in self._port_files.values():
+                if port.model is model and port.poll_handle is not None:
+                    handle, port.poll_handle = port.poll_handle, None  # one notification per handle
+                    try:
+                        handle.notify()
+                    except Exception as exc:  # e.g. the poller is gone
+                        log.debug("poll notification failed: %s", exc)
+        except Exception:
+            log.exception("internal error in a port notification")
 
     def _add(self, inode: int, name: bytes, mode: int, opener: Callable[[int], int] | None = None) -> Node:
         node = Node(inode, name, mode, opener=opener)
@@ -181,6 +244,8 @@ class VfioOperations(pyfuse3.Operations):
     # -- handles ------------------------------------------------------------------------------
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._node(inode)
+        if node.port is not None:
+            return self._open_port(node)
         if node.content is not None:
             return self._open_sysfs(node.name, node.content, flags)
         if node.opener is None:
@@ -205,10 +270,68 @@ class VfioOperations(pyfuse3.Operations):
             log.debug("open sys file %r -> fh=%d", name, fh)
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
 
+    def _open_port(self, node: Node) -> pyfuse3.FileInfo:
+        fh = next(self._port_fhs)
+        self._port_files[fh] = PortFile(node.port)
+        if self.trace:
+            log.debug("open port %s -> fh=%d", node.name.decode(), fh)
+        # A stream: offsets mean nothing, and every read and write reaches the model.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+    def _port_read(self, fh: int, port: PortFile, size: int) -> bytes:
+        try:
+            data = port.model.host_read(size)
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise TypeError(f"host_read returned {type(data).__name__}, not bytes")
+            data = bytes(data)
+            if len(data) > size:
+                raise ValueError(f"host_read returned {len(data)} bytes, asked for {size}")
+        except Exception as exc:
+            raise _failure(exc, "port read", fh) from None
+        if not data:
+            raise pyfuse3.FUSEError(errno.EAGAIN)  # never wait in the daemon; poll for POLLIN
+        return data
+
+    def _port_write(self, fh: int, port: PortFile, buf: bytes) -> int:
+        try:
+            taken = port.model.host_write(bytes(buf))
+            if not isinstance(taken, int) or not 0 <= taken <= len(buf):
+                raise ValueError(f"host_write returned {taken!r} for {len(buf)} bytes")
+        except Exception as exc:
+            raise _failure(exc, "port write", fh) from None
+        if taken == 0 and buf:
+            raise pyfuse3.FUSEError(errno.EAGAIN)  # the device's receive FIFO is full; poll for POLLOUT
+        return taken
+
+    @staticmethod
+    def _port_mask(model: object) -> int:
+        pending, room = getattr(model, "host_pending", None), getattr(model, "host_room", None)
+        mask = 0
+        if pending is None or pending() > 0:
+            mask |= select.POLLIN | select.POLLRDNORM
+        if room is None or room() > 0:
+            mask |= select.POLLOUT | select.POLLWRNORM
+        return mask
+
+    async def poll(self, inode: int, fh: int, poll_handle, ctx: pyfuse3.RequestContext) -> int:
+        port = self._port_files.get(fh)
+        if port is None:
+            return DEFAULT_POLLMASK  # a file without a poll method, as the kernel's vfio device fds
+        try:
+            mask = self._port_mask(port.model)
+        except Exception as exc:
+            raise _failure(exc, "poll", fh) from None
+        if poll_handle is not None:
+            port.poll_handle = poll_handle  # the latest replaces (and so releases) the previous one
+        return mask
+
     async def read(self, fh: int, off: int, size: int) -> bytes:
         content = self._sysfs_open.get(fh)
         if content is not None:
             return content[off : off + size] if off >= 0 else b""
+        port = self._port_files.get(fh)
+        if port is not None:
+            return self._port_read(fh, port, size)
         try:
             data = self.server.read(fh, off, size)
         except Exception as exc:
@@ -220,6 +343,9 @@ class VfioOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if fh in self._sysfs_open:
             raise pyfuse3.FUSEError(errno.EACCES)  # opened read-only; the kernel says EBADF first
+        port = self._port_files.get(fh)
+        if port is not None:
+            return self._port_write(fh, port, buf)
         try:
             written = self.server.write(fh, off, buf)
         except Exception as exc:
@@ -232,8 +358,8 @@ class VfioOperations(pyfuse3.Operations):
         return None
 
     async def fsync(self, fh: int, datasync: bool) -> None:
-        if fh in self._sysfs_open:
-            return None  # kernfs: noop_fsync
+        if fh in self._sysfs_open or fh in self._port_files:
+            return None  # kernfs: noop_fsync; a port has nothing to make durable
         try:
             self.server.fsync(fh)
         except Exception as exc:
@@ -242,7 +368,7 @@ class VfioOperations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         if self.trace:
             log.debug("release fh=%d", fh)
-        if self._sysfs_open.pop(fh, None) is not None:
+        if self._sysfs_open.pop(fh, None) is not None or self._port_files.pop(fh, None) is not None:
             return None
         try:
             self.server.release(fh)

@@ -35,6 +35,7 @@ OP_IOCTL = 1  # run a kernel ioctl number with its struct
 OP_GET_TOKEN = 2  # return this handle's unforgeable reference (for fd arguments)
 OP_MAP_REGION = 3  # pass a mappable region's memory to the caller over a UNIX socket
 OP_FD_CHANNEL = 4  # the name of the socket where clients deposit descriptors (eventfds)
+OP_CLAIM = 5  # make this fresh device handle the one VFIO_GROUP_GET_DEVICE_FD returned (arg_value)
 
 # --- how the ioctl argument is passed --------------------------------------------------
 ARG_NULL = 0  # a NULL pointer: any copy from or to it faults (EFAULT)
@@ -144,7 +145,7 @@ def decode_request(message: bytes) -> Request:
         raise VfioError(errno.EPROTO, f"protocol version {version} not supported (want {VERSION})")
     if hsize != REQUEST_HEADER_SIZE or res0 or res1:
         raise _bad("bad header size or non-zero reserved fields")
-    if op not in (OP_IOCTL, OP_GET_TOKEN, OP_MAP_REGION, OP_FD_CHANNEL):
+    if op not in (OP_IOCTL, OP_GET_TOKEN, OP_MAP_REGION, OP_FD_CHANNEL, OP_CLAIM):
         raise VfioError(errno.EPROTO, f"unknown operation {op}")
     if arg_kind not in (ARG_NULL, ARG_BUFFER, ARG_VALUE):
         raise _bad(f"unknown argument kind {arg_kind}")

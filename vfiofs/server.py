@@ -15,14 +15,14 @@ import secrets
 from collections import OrderedDict
 from typing import Callable, Sequence, Union
 
-from . import fdpass, protocol
+from . import abi, fdpass, protocol
 from .errors import VfioError
 from .procmem import ProcessMemory
 from .protocol import FD_FOREIGN, FD_HANDLE, OP_GET_TOKEN, OP_MAP_REGION, Request
-from .state import FOREIGN_FD, Device, DeviceFile, IoctlArg, IommuFile
+from .state import FOREIGN_FD, ContainerFile, Device, DeviceFile, Grant, Group, GroupFile, IoctlArg, IommuFile
 from .usermem import UserBuffer
 
-Handle = Union[DeviceFile, IommuFile]
+Handle = Union[DeviceFile, IommuFile, ContainerFile, GroupFile]
 
 #: Replies a handle keeps for slots that were never read back (oldest dropped first).
 MAX_PENDING_REPLIES = 1024
@@ -53,6 +53,7 @@ class Server:
         self.channel = channel  # where clients deposit eventfds; None: descriptors cannot be passed
         self._files: dict[int, OpenFile] = {}
         self._by_token: dict[bytes, OpenFile] = {}
+        self._grants: OrderedDict[int, tuple[Grant, int]] = OrderedDict()  # ticket → (grant, uid)
         self._next_fh = itertools.count(1)
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -68,6 +69,16 @@ class Server:
 
     def open_iommu(self, uid: int = 0) -> int:
         return self._register(IommuFile(), uid)
+
+    def open_container(self, uid: int = 0) -> int:
+        return self._register(ContainerFile(), uid)
+
+    def open_group(self, number: int, uid: int = 0) -> int:
+        return self._register(GroupFile(self.groups[number]), uid)
+
+    @property
+    def groups(self) -> dict[int, Group]:
+        return {device.group.number: device.group for device in self.devices}
 
     def release(self, fh: int) -> None:
         entry = self._files.pop(fh, None)
@@ -124,6 +135,8 @@ class Server:
     def _execute(self, entry: OpenFile, request: Request) -> tuple[int, bytes]:
         if request.op == OP_GET_TOKEN:
             return 0, entry.token
+        if request.op == protocol.OP_CLAIM:
+            return self._claim(entry, request.arg_value), b""
         if request.op == protocol.OP_FD_CHANNEL:
             if self.channel is None:
                 raise VfioError(errno.EPROTO, "this daemon takes no passed descriptors")
@@ -141,7 +154,10 @@ class Server:
             arg = IoctlArg(buf=buf, value=request.arg_value, files=self._resolve_fds(entry, request),
                            process=self._caller(entry, request))
             try:
-                result = entry.handle.ioctl(request.request, arg)
+                if request.request == abi.VFIO_GROUP_GET_DEVICE_FD and isinstance(entry.handle, GroupFile):
+                    result = self._grant(entry, entry.handle.get_device(buf))
+                else:
+                    result = entry.handle.ioctl(request.request, arg)
             except VfioError as error:
                 if buf.written:
                     raise _FailedWithWriteback(error, bytes(buf.data or b"")) from None
@@ -151,6 +167,24 @@ class Server:
                 for parcel in parcels:  # descriptors the command did not keep are closed
                     self.channel.discard(parcel)
         return result, bytes(buf.data or b"")
+
+    def _grant(self, entry: OpenFile, grant: Grant) -> int:
+        """The ioctl's result for GET_DEVICE_FD: an unguessable ticket and the device's node.
+        The client library opens that node and claims the ticket (OP_CLAIM) on the new
+        handle, so the caller gets a new fd, as from the kernel."""
+        ticket = secrets.randbits(46) | 1
+        self._grants[ticket] = (grant, entry.uid)
+        while len(self._grants) > MAX_PENDING_REPLIES:
+            stale, _ = self._grants.pop(next(iter(self._grants)))
+            stale.group_file.forget_grant(stale)
+        return ticket << 16 | grant.device.index
+
+    def _claim(self, entry: OpenFile, ticket: int) -> int:
+        found = self._grants.pop(ticket, None)
+        if found is None or found[1] != entry.uid or not isinstance(entry.handle, DeviceFile):
+            raise VfioError(errno.EINVAL, "no such grant for this handle")
+        entry.handle.adopt_grant(found[0])
+        return 0
 
     def _caller(self, entry: OpenFile, request: Request) -> Callable[[], ProcessMemory] | None:
         """How to reach the calling process's memory, if it proved who it is (a PROCESS entry)."""

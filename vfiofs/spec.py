@@ -93,6 +93,9 @@ class DeviceSpec:
     rom: bytes | None = None
     capabilities: tuple[Capability, ...] = ()
     source: Path | None = field(default=None, compare=False)
+    #: the IOMMU group (legacy vfio/<N> node); devices may share one. None until the
+    #: directory is loaded, which gives every device without one a group of its own.
+    iommu_group: int | None = None
 
     @property
     def express(self) -> bool:

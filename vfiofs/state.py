@@ -24,6 +24,7 @@ from typing import Callable, Mapping
 
 from . import abi
 from .errors import VfioError
+from .container import Container
 from .iommufd import DeviceObject, IommufdContext
 from .procmem import ProcessMemory
 from .usermem import UserBuffer
@@ -55,14 +56,45 @@ class HandleState(enum.Enum):
     CLOSED = "closed"
 
 
-class Device:
-    """A registered device (``struct vfio_device``): at most one bound handle at a time."""
+class Group:
+    """An IOMMU group (``struct vfio_group``): the legacy way in, exclusive with the cdev one."""
 
-    def __init__(self, index: int, name: str, driver: VfioPciDevice) -> None:
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.devices: list[Device] = []
+        self.opened: GroupFile | None = None  # open, or kept open by device handles it handed out
+        self.derived_handles = 0  # live device handles obtained through VFIO_GROUP_GET_DEVICE_FD
+        self.cdev_bound = 0  # devices of this group bound through their cdev
+
+    def blocks_cdev(self) -> bool:
+        """vfio_device_block_group(): BIND fails with EBUSY while the group is in use."""
+        return self.opened is not None or self.derived_handles > 0
+
+
+class Device:
+    """A registered device (``struct vfio_device``)."""
+
+    def __init__(self, index: int, name: str, driver: VfioPciDevice, group: Group | None = None,
+                 bdf: str = "") -> None:
         self.index = index
         self.name = name
         self.driver = driver
-        self.bound_file: DeviceFile | None = None
+        self.bdf = bdf or name  # the name VFIO_GROUP_GET_DEVICE_FD looks devices up by
+        self.group = group if group is not None else Group(index)
+        self.group.devices.append(self)
+        self.bound_file: DeviceFile | None = None  # the cdev handle that bound it
+        self.open_count = 0  # granted handles (one via the cdev, or any number via the group)
+
+    def open(self) -> None:
+        """First grant opens the device (vfio_df_open); errors propagate and grant nothing."""
+        if self.open_count == 0:
+            self.driver.open_device()
+        self.open_count += 1
+
+    def close(self) -> None:
+        self.open_count -= 1
+        if self.open_count == 0:
+            self.driver.close_device()
 
 
 class IommuFile:
@@ -98,6 +130,19 @@ class DeviceFile:
         self.state = HandleState.BLOCKED
         self.ictx: IommufdContext | None = None
         self.devobj: DeviceObject | None = None
+        self.group_file: GroupFile | None = None  # set for handles from VFIO_GROUP_GET_DEVICE_FD
+
+    def adopt_grant(self, grant: "Grant") -> None:
+        """Turn this fresh handle into the one VFIO_GROUP_GET_DEVICE_FD returned: granted
+        from the start (vfio_device_group_open sets access_granted), tied to the group."""
+        if self.state is not HandleState.BLOCKED or grant.device is not self.device:
+            raise VfioError(errno.EINVAL, "the grant is for another device or this handle is in use")
+        if grant.claimed or grant not in grant.group_file.grants:
+            raise VfioError(errno.EINVAL, "the grant was already used or has lapsed")
+        grant.claimed = True
+        self.group_file = grant.group_file
+        self.device.group.derived_handles += 1
+        self.state = HandleState.BOUND
 
     # -- the gate ---------------------------------------------------------------------------
     def _require_bound(self) -> None:
@@ -111,10 +156,11 @@ class DeviceFile:
         if request == abi.VFIO_DEVICE_BIND_IOMMUFD:
             return self._bind(arg)
         self._require_bound()
-        if request == abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT:
-            return self._attach(arg.buf)
-        if request == abi.VFIO_DEVICE_DETACH_IOMMUFD_PT:
-            return self._detach(arg.buf)
+        if self.group_file is None:  # the cdev's own ioctls; a group handle goes to the driver (ENOTTY)
+            if request == abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT:
+                return self._attach(arg.buf)
+            if request == abi.VFIO_DEVICE_DETACH_IOMMUFD_PT:
+                return self._detach(arg.buf)
         return self.device.driver.ioctl(request, arg.buf, arg.files)
 
     def read(self, offset: int, size: int) -> bytes:
@@ -145,8 +191,10 @@ class DeviceFile:
         bind = buf.copy_struct_from_user(abi.vfio_device_bind_iommufd, argsz)
         if bind.iommufd < 0 or bind.flags & ~abi.VFIO_DEVICE_BIND_FLAG_TOKEN:
             raise VfioError(errno.EINVAL, "negative iommufd or unknown flags")
-        # The kernel's steps 5/6 (group-derived handle, open group) belong to the legacy
-        # group path, which vfiofs does not serve yet.
+        if self.group_file is not None:
+            raise VfioError(errno.EINVAL, "a handle from VFIO_GROUP_GET_DEVICE_FD cannot BIND")
+        if self.device.group.blocks_cdev():
+            raise VfioError(errno.EBUSY, "the device's group is open (legacy group/container path)")
         if self.state is HandleState.BOUND:
             raise VfioError(errno.EINVAL, "handle is already bound")
         if bind.flags & abi.VFIO_DEVICE_BIND_FLAG_TOKEN:
@@ -157,23 +205,24 @@ class DeviceFile:
         if not isinstance(target, IommuFile):
             raise VfioError(errno.EBADFD, f"fd {bind.iommufd} is not an iommufd of this mount")
         device = self.device
-        if device.bound_file is not None:
+        if device.open_count != 0:
             raise VfioError(errno.EINVAL, "device is bound through another handle")
         ictx = target.ctx
         devobj = ictx.bind_device(device.name, device.driver.attach_dma)
         try:
-            device.driver.open_device()
+            device.open()
         except VfioError:
             ictx.unbind_device(devobj)
             raise
         try:
             buf.copy_to(offsetofend(abi.vfio_device_bind_iommufd, "iommufd"), devobj.id.to_bytes(4, "little"))
         except VfioError:
-            device.driver.close_device()
+            device.close()
             ictx.unbind_device(devobj)
             raise
         # Granted only here, after every step succeeded.
         device.bound_file = self
+        device.group.cdev_bound += 1
         self.ictx, self.devobj = ictx, devobj
         self.state = HandleState.BOUND
         return 0
@@ -208,11 +257,156 @@ class DeviceFile:
 
     # -- release (vfio_device_fops_release) -------------------------------------------------
     def release(self) -> None:
-        """The last close: unbind if bound. Always succeeds."""
-        if self.state is HandleState.BOUND:
+        """The last close: unbind (cdev) or let go of the group (legacy). Always succeeds."""
+        if self.state is HandleState.BOUND and self.group_file is not None:
+            self.device.close()
+            self.device.group.derived_handles -= 1
+            self.group_file.handle_released()
+        elif self.state is HandleState.BOUND:
             assert self.ictx is not None and self.devobj is not None
-            self.device.driver.close_device()
+            self.device.close()
             self.ictx.unbind_device(self.devobj)
             self.device.bound_file = None
+            self.device.group.cdev_bound -= 1
             self.ictx = self.devobj = None
         self.state = HandleState.CLOSED
+
+
+class ContainerFile:
+    """One open of ``vfio/vfio``: a legacy container (type1 semantics in :mod:`vfiofs.container`)."""
+
+    def __init__(self) -> None:
+        self.container = Container()
+
+    def ioctl(self, request: int, arg: IoctlArg) -> int:
+        return self.container.ioctl(request, arg.buf, arg.value, arg.process)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.container.read(offset, size)
+
+    def write(self, offset: int, data: bytes) -> int:
+        return self.container.write(offset, data)
+
+    def map_region(self, index: int, offset: int, length: int) -> int:
+        return self.container.map_region(index, offset, length)
+
+    def fsync(self) -> None:
+        self.container.fsync()
+
+    def release(self) -> None:
+        """Attached groups keep the container alive, as their file references do in the kernel."""
+
+
+@dataclass(eq=False)
+class Grant:
+    """A device VFIO_GROUP_GET_DEVICE_FD opened, waiting for the client's new handle to claim it."""
+
+    device: Device
+    group_file: "GroupFile"
+    claimed: bool = False
+
+
+class GroupFile:
+    """One open of ``vfio/<N>``: the legacy group node."""
+
+    def __init__(self, group: Group) -> None:
+        if group.cdev_bound:
+            raise VfioError(errno.EBUSY, "a device of this group is bound through its cdev")
+        if group.opened is not None:
+            raise VfioError(errno.EBUSY, "the group is already open")
+        self.group = group
+        self.container: Container | None = None
+        self.grants: list[Grant] = []
+        self.released = False
+        group.opened = self
+
+    def ioctl(self, request: int, arg: IoctlArg) -> int:
+        if request == abi.VFIO_GROUP_GET_STATUS:
+            minsz = offsetofend(abi.vfio_group_status, "flags")
+            status = arg.buf.read_struct(abi.vfio_group_status, minsz)
+            if status.argsz < minsz:
+                raise VfioError(errno.EINVAL, "argsz smaller than vfio_group_status")
+            status.flags = abi.VFIO_GROUP_FLAGS_VIABLE | (
+                abi.VFIO_GROUP_FLAGS_CONTAINER_SET if self.container is not None else 0)
+            arg.buf.write_struct(status, minsz)
+            return 0
+        if request == abi.VFIO_GROUP_SET_CONTAINER:
+            number = int.from_bytes(arg.buf.copy_from(0, 4), "little", signed=True)
+            if self.container is not None:
+                raise VfioError(errno.EINVAL, "the group already has a container")
+            target = arg.files.get(number) if number >= 0 else None
+            if target is None:
+                raise VfioError(errno.EBADF, f"fd {number} is not open")
+            if not isinstance(target, ContainerFile):
+                raise VfioError(errno.EBADFD, f"fd {number} is not a container of this mount")
+            self.container = target.container
+            self.container.groups.append(self)
+            return 0
+        if request == abi.VFIO_GROUP_UNSET_CONTAINER:
+            if self.container is None:
+                raise VfioError(errno.EINVAL, "the group has no container")
+            if self.group.derived_handles:
+                raise VfioError(errno.EBUSY, "device handles from this group are still open")
+            self._detach()
+            return 0
+        if request == abi.VFIO_GROUP_GET_DEVICE_FD:
+            raise VfioError(errno.EINVAL, "VFIO_GROUP_GET_DEVICE_FD goes through get_device()")
+        raise VfioError(errno.ENOTTY, f"ioctl {request:#x} not supported on a group")
+
+    def get_device(self, buf: UserBuffer) -> Grant:
+        """VFIO_GROUP_GET_DEVICE_FD: open the named device for a new, granted handle."""
+        raw = buf.copy_from(0, len(buf))
+        name = raw.split(b"\0", 1)[0].decode(errors="replace")
+        if b"\0" not in raw:
+            raise VfioError(errno.EFAULT, "the device name is not NUL-terminated inside the buffer")
+        if self.container is None or self.container.iommu_type is None:
+            raise VfioError(errno.EINVAL, "the group needs a container with an IOMMU set")
+        device = next((d for d in self.group.devices if d.bdf == name), None)
+        if device is None:
+            raise VfioError(errno.ENODEV, f"no device {name!r} in group {self.group.number}")
+        device.open()
+        device.driver.attach_dma(self.container.ioas)
+        grant = Grant(device, self)
+        self.grants.append(grant)
+        return grant
+
+    def forget_grant(self, grant: Grant) -> None:
+        """A grant never claimed (the client died): close the device it opened."""
+        if grant in self.grants and not grant.claimed:
+            self.grants.remove(grant)
+            grant.device.close()
+
+    def handle_released(self) -> None:
+        if self.released and self.group.derived_handles == 0:
+            self._finish()
+
+    def _detach(self) -> None:
+        assert self.container is not None
+        self.container.groups.remove(self)
+        self.container.group_detached()
+        self.container = None
+
+    def _finish(self) -> None:
+        for grant in list(self.grants):
+            self.forget_grant(grant)
+        if self.container is not None:
+            self._detach()
+        self.group.opened = None
+
+    def read(self, offset: int, size: int) -> bytes:
+        raise VfioError(errno.EINVAL, "a group has no read")
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise VfioError(errno.EINVAL, "a group has no write")
+
+    def map_region(self, index: int, offset: int, length: int) -> int:
+        raise VfioError(errno.ENODEV, "a group has no mmap")
+
+    def fsync(self) -> None:
+        raise VfioError(errno.EINVAL, "a group has no fsync")
+
+    def release(self) -> None:
+        """The group file closes; device handles it handed out keep the group in use."""
+        self.released = True
+        if self.group.derived_handles == 0:
+            self._finish()

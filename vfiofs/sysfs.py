@@ -23,7 +23,7 @@ Rules (all made up, but stable and consistent with each other):
 - **Address.** Device ``index`` (``vfio/devices/vfioN``, N = index) sits in slot
   ``n = index + 1``: domain ``n // 8192``, bus ``(n // 32) % 256``, device ``n % 32``,
   function 0. So vfio0 is ``0000:00:01.0``, vfio30 ``0000:00:1f.0``, vfio31 ``0000:01:00.0``.
-- **IOMMU group** N = index (one device per group). **vfio-dev** ``dev`` is
+- **IOMMU group** N = the definition's ``iommu_group``, by default the device's index. **vfio-dev** ``dev`` is
   ``511:index`` (a fixed fake character major).
 - **Host addresses.** BARs are placed device by device in index order, BAR 0..5 then the
   ROM, each naturally aligned, in three fake host windows shared by all devices:
@@ -228,7 +228,7 @@ class SysfsDevice:
 
     @property
     def iommu_group(self) -> int:
-        return self.index
+        return self.index if self.spec.iommu_group is None else self.spec.iommu_group
 
     def attributes(self) -> dict[str, bytes]:
         ident = self.spec.identity
@@ -340,11 +340,13 @@ def build_tree(devices: Iterable[tuple[int, DeviceSpec]]) -> list[Entry]:
         link(f"sys/bus/pci/drivers/{DRIVER}/{dev.bdf}", f"../../devices/{dev.bdf}")
     directory("sys/kernel")
     directory("sys/kernel/iommu_groups")
-    for dev in laid_out:
-        group = f"sys/kernel/iommu_groups/{dev.iommu_group}"
+    for number in sorted({dev.iommu_group for dev in laid_out}):
+        group = f"sys/kernel/iommu_groups/{number}"
         directory(group)
         directory(f"{group}/devices")
-        link(f"{group}/devices/{dev.bdf}", f"../../../../bus/pci/devices/{dev.bdf}")
+        for dev in laid_out:
+            if dev.iommu_group == number:
+                link(f"{group}/devices/{dev.bdf}", f"../../../../bus/pci/devices/{dev.bdf}")
         file(f"{group}/type", b"DMA\n")
         file(f"{group}/reserved_regions", f"0x{MSI_WINDOW[0]:016x} 0x{MSI_WINDOW[1]:016x} msi\n".encode())
     directory("sys/class")

@@ -126,6 +126,7 @@ class VfioPciDevice:
     def close_device(self) -> None:
         """Close and reset; failures are logged, as close must always succeed."""
         self.irqs.teardown()
+        self.model.dma = DmaPort()  # no address space until the next open attaches one
         for what, hook in (("close", self.model.close), ("reset", self.model.reset)):
             try:
                 call_model(what, hook)
