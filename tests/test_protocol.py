@@ -245,7 +245,7 @@ def test_decode_rejects_bad_header_size_or_reserved(offset, fmt, value):
     assert decode_errno(patched(valid_request(), offset, fmt, value)) == errno.EBADMSG
 
 
-@pytest.mark.parametrize("op", [0, 5, 0xFFFF_FFFF])
+@pytest.mark.parametrize("op", [0, 6, 0xFFFF_FFFF])
 def test_decode_rejects_unknown_op(op):
     assert decode_errno(patched(valid_request(), OP_AT, "<I", op)) == errno.EPROTO
 
