@@ -97,8 +97,8 @@ def test_background_mount_and_umount(tmp_path):
     assert result.stderr == ""
     try:
         assert is_mounted(mnt)
-        assert f"serving 3 device(s) at {mnt}" in log.read_text()
-        assert sorted(os.listdir(mnt / "vfio/devices")) == ["vfio0", "vfio1", "vfio2"]
+        assert f"serving 5 device(s) at {mnt}" in log.read_text()
+        assert sorted(os.listdir(mnt / "vfio/devices")) == ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4"]
     finally:
         result = vfiofs("umount", str(mnt))
     assert result.returncode == 0, result.stderr

@@ -94,8 +94,8 @@ async def test_root_attributes(ops):
     assert attrs.st_ino == ROOT
     assert attrs.st_mode == DIR_MODE
     assert (attrs.st_uid, attrs.st_gid) == (UID, GID)
-    assert attrs.st_nlink == 4  # ".", the entry in the parent, vfio/.. and sys/..
-    assert set(ops.nodes[ROOT].children) == {b"iommu", b"vfio", b"sys"}
+    assert attrs.st_nlink == 5  # ".", the entry in the parent, vfio/.., ports/.. and sys/..
+    assert set(ops.nodes[ROOT].children) == {b"iommu", b"vfio", b"ports", b"sys"}
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,7 @@ async def test_lookup(ops, parent, name, inode, mode, nlink):
 async def test_directory_children(ops, server):
     groups = {str(number).encode() for number in server.groups}  # one legacy group node each
     assert set(ops.nodes[VFIO].children) == {b"devices", b"vfio"} | groups
-    assert set(ops.nodes[DEVICES].children) == {b"vfio0", b"vfio1", b"vfio2", b"vfio3"}
+    assert set(ops.nodes[DEVICES].children) == {b"vfio0", b"vfio1", b"vfio2", b"vfio3", b"vfio4"}
 
 
 async def test_lookup_dot_is_the_directory_itself(ops):

@@ -23,14 +23,14 @@ from vfiofs.pci_config import PciConfigSpace
 from vfiofs.spec import BarSpec, DeviceSpec, PciIdentity
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-BDFS = ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0"]
+BDFS = ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0", "0000:00:04.0", "0000:00:05.0"]
 PCI = "sys/bus/pci/devices"
 ZERO_LINE = "0x0000000000000000 0x0000000000000000 0x0000000000000000"
 LINE_RE = re.compile(r"^0x[0-9a-f]{16} 0x[0-9a-f]{16} 0x[0-9a-f]{16}$")
 CTX = pyfuse3.RequestContext()
 
 # Host addresses the rules in vfiofs.sysfs give the bundled devices (vfio0 ram-64k,
-# vfio1 ram-1m, vfio2 showcase): 32-bit memory and the ROM downward from 0xfec00000,
+# vfio1 ram-1m, vfio2 showcase, vfio3 uart, vfio4 edu): 32-bit memory and the ROM downward from 0xfec00000,
 # 64-bit prefetchable upward from 0x800000000, I/O upward from 0xc000.
 EXPECTED_RESOURCES = {
     0: {0: (0xFEBF0000, 64 * KiB, 0x40200)},
@@ -42,6 +42,8 @@ EXPECTED_RESOURCES = {
         4: (0xC000, 32, 0x40101),
         6: (0xFEBEE800, 2 * KiB, 0x46200),
     },
+    3: {0: (0xC020, 8, 0x40101)},  # uart
+    4: {0: (0xFEA00000, 1 * MiB, 0x40200)},  # edu
 }
 
 
@@ -345,7 +347,7 @@ def test_adapter_survives_a_sysfs_bug(monkeypatch, caplog):
 
     monkeypatch.setattr(sysfs, "build_tree", broken)
     ops = VfioOperations(build_server(load_directory(bundled_directory())), 0, 0)
-    assert set(ops.nodes[pyfuse3.ROOT_INODE].children) == {b"iommu", b"vfio"}
+    assert set(ops.nodes[pyfuse3.ROOT_INODE].children) == {b"iommu", b"vfio", b"ports"}
     assert "cannot build the sys/ tree" in caplog.text
 
 
@@ -490,7 +492,7 @@ def assert_in_order(lines: list[str], expected: list[str]) -> None:
 def test_lspci_decodes_every_device(mount):
     output = lspci(mount.path, "-vvv", "-nn")
     devices = blocks(output)
-    assert list(devices) == ["00:01.0", "00:02.0", "00:03.0"]
+    assert list(devices) == ["00:01.0", "00:02.0", "00:03.0", "00:04.0", "00:05.0"]
     for slot, expected in zip(devices, (RAM0, RAM1, SHOWCASE)):
         assert devices[slot][0] == expected[0]
         assert_in_order(devices[slot], expected)
@@ -506,7 +508,7 @@ def test_lspci_selects_one_device(mount):
     assert lspci(mount.path, "-n", "-s", "00:03.0") == "00:03.0 ff00: 1234:5653 (rev 02)\n"
     assert lspci(mount.path, "-n", "-s", "0000:00:01.0") == "00:01.0 0500: 1234:5241 (rev 01)\n"
     assert lspci(mount.path, "-n", "-d", "1234:5242") == "00:02.0 0500: 1234:5242 (rev 01)\n"
-    assert lspci(mount.path, "-n", "-s", "00:04.0") == ""
+    assert lspci(mount.path, "-n", "-s", "00:1f.0") == ""
 
 
 @needs_lspci
