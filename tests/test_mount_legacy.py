@@ -10,6 +10,7 @@ import errno
 import mmap
 import os
 import secrets
+import select
 import shutil
 import struct
 from pathlib import Path
@@ -186,6 +187,43 @@ def test_whole_legacy_sequence_with_dma(legacy):
     container.map_buffer(buf, iova=0x400000)
     assert container.unmap_dma(unmap_all=True) == 2 * PAGE
     assert container.unmap_dma(0x400000, PAGE) == 0  # nothing left: type1 unmaps 0 bytes
+    dev.close()
+    group.close()
+    container.close()
+
+
+def test_legacy_sequence_drives_the_edu_device(mount):
+    """The whole legacy sequence against the bundled edu (vfio4): DMA a page in and out."""
+    edu_bdf = "0000:00:05.0"
+    assert open(mount.node(f"sys/bus/pci/devices/{edu_bdf}/device")).read() == "0x11e8\n"
+    number = int(os.path.basename(os.readlink(mount.node(f"sys/bus/pci/devices/{edu_bdf}/iommu_group"))))
+    container = VfioContainer(mount.node("vfio/vfio"))
+    group = VfioGroup(mount.node(f"vfio/{number}"))
+    group.set_container(container)
+    container.set_iommu(vc.VFIO_TYPE1v2_IOMMU)
+    buf = mmap.mmap(-1, PAGE)
+    pattern = secrets.token_bytes(PAGE)
+    buf[:] = pattern
+    container.map_buffer(buf, iova=0x100000)
+    dev = group.get_device(edu_bdf)
+    assert int.from_bytes(dev.read(0, 0x00, 4), "little") == 0x010000ED
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    dev.enable_irq_eventfds(vc.VFIO_PCI_MSI_IRQ_INDEX, [efd])
+
+    def dma(src: int, dst: int, direction: int) -> None:
+        for offset, value in ((0x80, src), (0x88, dst), (0x90, PAGE)):
+            dev.write(0, offset, value.to_bytes(8, "little"))
+        dev.write(0, 0x98, (1 | direction << 1 | 4).to_bytes(8, "little"))  # start, direction, IRQ when done
+        assert select.select([efd], [], [], 10)[0] == [efd]  # completion interrupt 0x100
+        os.eventfd_read(efd)
+        assert int.from_bytes(dev.read(0, 0x24, 4), "little") & 0x100
+        dev.write(0, 0x64, (0x100).to_bytes(4, "little"))  # ack
+
+    dma(0x100000, 0x40000, 0)  # RAM -> EDU
+    buf[:] = bytes(PAGE)
+    dma(0x40000, 0x100000, 1)  # EDU -> RAM
+    assert buf[:] == pattern
+    os.close(efd)
     dev.close()
     group.close()
     container.close()
