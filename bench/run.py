@@ -803,15 +803,16 @@ def floor_process_vm_readv(n: int) -> None:
     source = _mmap.mmap(-1, size)
     source[:] = os.urandom(size)
     address = _ct.addressof(_ct.c_char.from_buffer(source))
-    r, w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    done_r, done_w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child: keep the (copied-on-fork, touched) buffer alive
         source[:] = source[:]
-        os.write(w, b"1")
-        os.read(r, 1)
+        os.write(ready_w, b"1")
+        os.read(done_r, 1)
         os._exit(0)
     try:
-        os.read(r, 1)
+        os.read(ready_r, 1)
         target = _ct.create_string_buffer(size)
         local, remote = iovec(_ct.addressof(target), size), iovec(address, size)
         times = []
@@ -830,10 +831,10 @@ def floor_process_vm_readv(n: int) -> None:
         figure("dma.floor_1048576", "us", ns_to_us(times), "memcpy of the same size", ns_to_us(memcpy()),
                label="context: raw process_vm_readv of 1 MiB from another process (the DMA floor)")
     finally:
-        os.write(w, b"1")
+        os.write(done_w, b"1")
         os.waitpid(pid, 0)
-        os.close(r)
-        os.close(w)
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
 
 
 # ------------------------------------------------------------------------------------------
