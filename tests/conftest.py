@@ -35,3 +35,21 @@ def public_dir():
     os.chmod(path, 0o755)
     yield Path(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+MODELS = Path(__file__).resolve().parent / "models"
+
+
+@pytest.fixture
+def models_mount(tmp_path: Path):
+    """tests/models mounted (the interrupt/DMA test device as vfio0), its Python models importable."""
+    mountpoint = tmp_path / "modelsmnt"
+    mountpoint.mkdir()
+    m: Mount = start_mount(mountpoint, devices=MODELS, pythonpath=MODELS)
+    try:
+        yield m
+    finally:
+        alive = m.alive()
+        returncode = stop_mount(m)
+        assert alive, "the daemon died during the test"
+        assert returncode == 0, f"daemon exited with {returncode}"

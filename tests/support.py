@@ -139,3 +139,12 @@ def raw_mmap_errno(fd: int, length: int, shared: bool = True, offset: int = 0) -
         return ctypes.get_errno()
     _libc.munmap(address, length)
     return 0
+
+
+def run_dma(dev, command: int, iova: int, size: int) -> int:
+    """Drive the DMA engine of tests/models/irq_test_device: 1 reads IOVA into BAR2, 2 writes
+    BAR2 to IOVA. Returns 0 for a good transfer, 1 for a DMA fault."""
+    dev.write(0, 0x20, iova.to_bytes(8, "little"))
+    dev.write(0, 0x28, size.to_bytes(8, "little"))
+    dev.write(0, 0x30, command.to_bytes(4, "little"))
+    return int.from_bytes(dev.read(0, 0x38, 4), "little")

@@ -8,29 +8,22 @@ import errno
 import mmap
 import os
 import secrets
-from pathlib import Path
 
 import pytest
 
-from support import errno_of, start_mount, stop_mount
+from support import errno_of, run_dma
 from vfiofs import client as vc
 from vfiofs import fdpass, protocol
 from vfiofs.client import IommuFd, VfioDevice, ioctl
 
-MODELS = Path(__file__).resolve().parent / "models"
 PAGE = 4096
 R, W, FIXED = vc.IOMMU_IOAS_MAP_READABLE, vc.IOMMU_IOAS_MAP_WRITEABLE, vc.IOMMU_IOAS_MAP_FIXED_IOVA
 U64_MAX = (1 << 64) - 1
 
 
 @pytest.fixture
-def dmamount(tmp_path):
-    mnt = tmp_path / "dmamnt"
-    mnt.mkdir()
-    m = start_mount(mnt, devices=MODELS, pythonpath=MODELS)
-    yield m
-    assert m.alive(), "the daemon died"
-    assert stop_mount(m) == 0
+def dmamount(models_mount):
+    return models_mount
 
 
 @pytest.fixture
@@ -130,12 +123,6 @@ def dma(dmamount):
     dev.close()
     iommu.close()
 
-
-def run_dma(dev: VfioDevice, command: int, iova: int, size: int) -> int:
-    dev.write(0, 0x20, iova.to_bytes(8, "little"))
-    dev.write(0, 0x28, size.to_bytes(8, "little"))
-    dev.write(0, 0x30, command.to_bytes(4, "little"))
-    return int.from_bytes(dev.read(0, 0x38, 4), "little")  # 0 ok, 1 DMA fault
 
 
 def test_device_dma_reads_and_writes_the_drivers_memory(dma):

@@ -11,15 +11,13 @@ import os
 import select
 import struct
 import threading
-from pathlib import Path
 
 import pytest
 
-from support import errno_of, start_mount, stop_mount, wait_until
+from support import errno_of, wait_until
 from vfiofs import client as vc
 from vfiofs.client import IommuFd, VfioDevice, ioctl
 
-MODELS = Path(__file__).resolve().parent / "models"
 INTX, MSI, MSIX, ERR, REQ = range(5)
 NONE, BOOL, EVENTFD = vc.VFIO_IRQ_SET_DATA_NONE, vc.VFIO_IRQ_SET_DATA_BOOL, vc.VFIO_IRQ_SET_DATA_EVENTFD
 MASK, UNMASK, TRIGGER = (vc.VFIO_IRQ_SET_ACTION_MASK, vc.VFIO_IRQ_SET_ACTION_UNMASK,
@@ -28,13 +26,8 @@ CFG = vc.VFIO_PCI_CONFIG_REGION_INDEX
 
 
 @pytest.fixture
-def irqmount(tmp_path):
-    mnt = tmp_path / "irqmnt"
-    mnt.mkdir()
-    m = start_mount(mnt, devices=MODELS, pythonpath=MODELS)
-    yield m
-    assert m.alive(), "the daemon died"
-    assert stop_mount(m) == 0
+def irqmount(models_mount):
+    return models_mount
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from support import errno_of, start_mount, stop_mount
+from support import errno_of, run_dma, start_mount, stop_mount
 from vfiofs import client as vc
 from vfiofs.client import IommuFd, VfioContainer, VfioDevice, VfioGroup, ioctl
 
@@ -151,12 +151,6 @@ def test_the_two_paths_exclude_each_other(legacy):
         other.close()
         container.close()
 
-
-def run_dma(dev: VfioDevice, command: int, iova: int, size: int) -> int:
-    dev.write(0, 0x20, iova.to_bytes(8, "little"))
-    dev.write(0, 0x28, size.to_bytes(8, "little"))
-    dev.write(0, 0x30, command.to_bytes(4, "little"))
-    return int.from_bytes(dev.read(0, 0x38, 4), "little")
 
 
 def test_whole_legacy_sequence_with_dma(legacy):

@@ -147,18 +147,5 @@ class Container:
         arg.write_struct(cmd, minsz)
         return 0
 
-    # -- not a data node ---------------------------------------------------------------------------------
-    def read(self, offset: int, size: int) -> bytes:
-        raise VfioError(errno.EINVAL, "the container has no read")
-
-    def write(self, offset: int, data: bytes) -> int:
-        raise VfioError(errno.EINVAL, "the container has no write")
-
-    def map_region(self, index: int, offset: int, length: int) -> int:
-        raise VfioError(errno.ENODEV, "the container has no mmap")
-
-    def fsync(self) -> None:
-        raise VfioError(errno.EINVAL, "the container has no fsync")
-
 
 __all__ = ["Container", "Mapping"]

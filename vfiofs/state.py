@@ -97,26 +97,34 @@ class Device:
             self.driver.close_device()
 
 
-class IommuFile:
+class ControlNode:
+    """A node that only carries ioctls (iommu, container, group): no data, no mmap, no fsync."""
+
+    what = "this node"
+
+    def read(self, offset: int, size: int) -> bytes:
+        raise VfioError(errno.EINVAL, f"{self.what} has no read")
+
+    def write(self, offset: int, data: bytes) -> int:
+        raise VfioError(errno.EINVAL, f"{self.what} has no write")
+
+    def map_region(self, index: int, offset: int, length: int) -> int:
+        raise VfioError(errno.ENODEV, f"{self.what} has no mmap")
+
+    def fsync(self) -> None:
+        raise VfioError(errno.EINVAL, f"{self.what} has no fsync")
+
+
+class IommuFile(ControlNode):
     """One open of the ``iommu`` node: a fresh iommufd context."""
+
+    what = "/dev/iommu"
 
     def __init__(self) -> None:
         self.ctx = IommufdContext()
 
     def ioctl(self, request: int, arg: IoctlArg) -> int:
         return self.ctx.ioctl(request, arg.buf, arg.value, arg.process)
-
-    def read(self, offset: int, size: int) -> bytes:
-        raise VfioError(errno.EINVAL, "/dev/iommu has no read")
-
-    def write(self, offset: int, data: bytes) -> int:
-        raise VfioError(errno.EINVAL, "/dev/iommu has no write")
-
-    def map_region(self, index: int, offset: int, length: int) -> int:
-        raise VfioError(errno.ENODEV, "/dev/iommu has no mmap")
-
-    def fsync(self) -> None:
-        raise VfioError(errno.EINVAL, "/dev/iommu has no fsync")
 
     def release(self) -> None:
         """Nothing to undo: devices bound to the context keep it alive."""
@@ -272,26 +280,16 @@ class DeviceFile:
         self.state = HandleState.CLOSED
 
 
-class ContainerFile:
+class ContainerFile(ControlNode):
     """One open of ``vfio/vfio``: a legacy container (type1 semantics in :mod:`vfiofs.container`)."""
+
+    what = "the container"
 
     def __init__(self) -> None:
         self.container = Container()
 
     def ioctl(self, request: int, arg: IoctlArg) -> int:
         return self.container.ioctl(request, arg.buf, arg.value, arg.process)
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.container.read(offset, size)
-
-    def write(self, offset: int, data: bytes) -> int:
-        return self.container.write(offset, data)
-
-    def map_region(self, index: int, offset: int, length: int) -> int:
-        return self.container.map_region(index, offset, length)
-
-    def fsync(self) -> None:
-        self.container.fsync()
 
     def release(self) -> None:
         """Attached groups keep the container alive, as their file references do in the kernel."""
@@ -306,8 +304,10 @@ class Grant:
     claimed: bool = False
 
 
-class GroupFile:
+class GroupFile(ControlNode):
     """One open of ``vfio/<N>``: the legacy group node."""
+
+    what = "a group"
 
     def __init__(self, group: Group) -> None:
         if group.cdev_bound:
@@ -392,18 +392,6 @@ class GroupFile:
         if self.container is not None:
             self._detach()
         self.group.opened = None
-
-    def read(self, offset: int, size: int) -> bytes:
-        raise VfioError(errno.EINVAL, "a group has no read")
-
-    def write(self, offset: int, data: bytes) -> int:
-        raise VfioError(errno.EINVAL, "a group has no write")
-
-    def map_region(self, index: int, offset: int, length: int) -> int:
-        raise VfioError(errno.ENODEV, "a group has no mmap")
-
-    def fsync(self) -> None:
-        raise VfioError(errno.EINVAL, "a group has no fsync")
 
     def release(self) -> None:
         """The group file closes; device handles it handed out keep the group in use."""
