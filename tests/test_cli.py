@@ -151,6 +151,7 @@ def test_mount_with_definitions_from_a_directory(tmp_path):
 
 
 def test_stale_mount_after_a_daemon_crash_is_explained(tmp_path):
+    """A crashed daemon leaves a mount that answers ENOTCONN; mounting again cleans it up."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     m = start_mount(mnt)
@@ -158,10 +159,106 @@ def test_stale_mount_after_a_daemon_crash_is_explained(tmp_path):
     m.process.wait()
     try:
         assert errno_of(os.stat, str(mnt / "iommu")) == errno.ENOTCONN
-        assert_one_line_error(vfiofs("mount", str(mnt)), "stale FUSE mount", f"fusermount3 -u -z {mnt}")
+        assert errno_of(os.statvfs, str(mnt)) == errno.ENOTCONN
+        result = vfiofs("mount", str(mnt))
+        assert result.returncode == 0, result.stderr
+        assert result.stderr.splitlines() == [
+            f"vfiofs: {mnt} was a stale mount (daemon gone); cleaned it up and mounting again"]
+        assert is_mounted(mnt)
+        from vfiofs.client import IommuFd, VfioDevice
+
+        with IommuFd(str(mnt / "iommu")) as iommu, VfioDevice(str(mnt / "vfio/devices/vfio0")) as dev:
+            dev.bind_iommufd(iommu)
+            dev.write(0, 0x10, b"alive")
+            assert dev.read(0, 0x10, 5) == b"alive"
+        result = vfiofs("umount", str(mnt))
+        assert result.returncode == 0, result.stderr
     finally:
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
-    assert not is_mounted(mnt)
+        if is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+    assert wait_until(lambda: not is_mounted(mnt))
+
+
+def test_stale_mount_of_another_filesystem_is_left_alone(tmp_path, monkeypatch, capsys):
+    """Only a dead vfiofs mount is cleaned up; anything else is explained and left as it is."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    monkeypatch.setattr(cli, "mount_type", lambda path: "fuse.sshfs")
+    monkeypatch.setattr(cli.os, "statvfs", lambda path: (_ for _ in ()).throw(OSError(errno.ENOTCONN, "gone")))
+    monkeypatch.setattr(cli.os.path, "ismount", lambda path: True)
+    monkeypatch.setattr(cli.subprocess, "run", lambda *a, **k: pytest.fail("must not unmount anything"))
+    assert cli.main(["mount", str(mnt)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"vfiofs: {mnt} is a stale fuse.sshfs mount whose daemon died: clear it with 'fusermount3 -u -z {mnt}'"]
+
+
+def test_group_and_mode_of_the_nodes(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = vfiofs("mount", "--group", "12345", "--mode", "0660", str(mnt))
+    assert result.returncode == 0, result.stderr
+    try:
+        for node in ["iommu", "vfio/devices/vfio0", "vfio/devices/vfio4", "vfio/0", "ports/vfio3"]:
+            st = os.stat(mnt / node)
+            assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (os.getuid(), 12345, 0o660), node
+        container = os.stat(mnt / "vfio/vfio")
+        assert (container.st_gid, container.st_mode & 0o7777) == (12345, 0o666)  # like /dev/vfio/vfio
+        assert os.stat(mnt / "vfio/devices").st_mode & 0o7777 == 0o755
+    finally:
+        assert vfiofs("umount", str(mnt)).returncode == 0
+
+
+def test_group_and_mode_as_mount_options(tmp_path):
+    """-o gid=NAME,mode=... (what an fstab line can say) is the same as --group/--mode."""
+    import grp
+
+    group = grp.getgrgid(0).gr_name
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    result = vfiofs("mount", "-o", f"gid={group},mode=640", "-o", "nofail,x-systemd.automount", str(mnt))
+    assert result.returncode == 0, result.stderr
+    try:
+        st = os.stat(mnt / "vfio/devices/vfio1")
+        assert (st.st_gid, st.st_mode & 0o7777) == (0, 0o640)
+    finally:
+        assert vfiofs("umount", str(mnt)).returncode == 0
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--mode", "0999"], ["bad mode '0999'", "0660"]),
+    (["--mode", "4755"], ["bad mode '4755'", "from 0 to 0777"]),
+    (["-o", "mode=rw"], ["bad mode 'rw'"]),
+    (["--group", "no-such-group-vfiofs"], ["group 'no-such-group-vfiofs' does not exist", "groupadd"]),
+    (["-o", "gid="], ["-o gid needs a value", "gid=vfiofs"]),
+    (["--group", "0", "-o", "gid=1"], ["--group 0 and -o gid=1 disagree"]),
+])
+def test_bad_group_or_mode_is_one_line(tmp_path, args, fragments):
+    (tmp_path / "mnt").mkdir()
+    result = vfiofs("mount", *args, str(tmp_path / "mnt"))
+    assert_one_line_error(result, *fragments)
+    assert not is_mounted(tmp_path / "mnt")
+
+
+def test_mount_helper_form(tmp_path):
+    """mount.fuse3 runs 'vfiofs SOURCE MOUNTPOINT -o OPTS': a background mount of SOURCE."""
+    devices = tmp_path / "defs"
+    devices.mkdir()
+    (devices / "d.toml").write_text('model = "ram"\n[ram]\nsize = "4KiB"\n')
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # what mount.fuse3 passes for 'mount -t fuse.vfiofs DEFS MNT -o allow_other' as root
+    result = vfiofs(str(devices), str(mnt), "-o", "rw,allow_other,mode=0640,dev,suid")
+    assert result.returncode == 0, result.stderr
+    try:
+        assert os.listdir(mnt / "vfio/devices") == ["vfio0"]
+        assert os.stat(mnt / "vfio/devices/vfio0").st_mode & 0o777 == 0o640
+        options = next(line.split()[3] for line in open("/proc/self/mounts") if line.split()[1] == str(mnt))
+        assert "allow_other" in options.split(",") and {"nosuid", "nodev"} <= set(options.split(","))
+    finally:
+        assert vfiofs("umount", str(mnt)).returncode == 0
+    assert cli.mount_helper_argv(["bundled", "/m", "-o", "ro"]) == ["mount", "/m", "--devices", "bundled", "-o", "ro"]
+    assert cli.mount_helper_argv(["mount", "/m"]) == ["mount", "/m"]
+    assert_one_line_error(vfiofs(str(tmp_path / "nope"), str(mnt)), "bad device definition", "nope")
 
 
 def test_debug_logs_every_request(tmp_path):

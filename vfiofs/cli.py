@@ -2,14 +2,20 @@
 
 Every error a user can cause ends in one line on stderr that says what is wrong and
 how to fix it, and a non-zero exit status — never a traceback.
+
+``vfiofs SOURCE MOUNTPOINT [-o OPTIONS]`` is the form mount(8) uses, through mount.fuse3,
+for ``mount -t fuse.vfiofs`` and fstab lines: it is ``vfiofs mount`` in the background with
+SOURCE as the devices directory (``bundled`` for the bundled devices).
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import grp
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +25,18 @@ from typing import NoReturn, Sequence
 from .definitions import DefinitionError, bundled_directory, load_directory
 
 FUSE_DEVICE = Path("/dev/fuse")
+COMMANDS = ("mount", "umount")
+BUNDLED = ("bundled", "vfiofs")  # a SOURCE (or --devices) naming the bundled definitions
+DEFAULT_MODE = 0o600
+# vfiofs's own -o options (for fstab lines, which cannot pass flags): key -> example value.
+OWN_OPTIONS = {"gid": "gid=vfiofs", "mode": "mode=0660", "state_dir": "state_dir=/var/lib/vfiofs",
+               "log": "log=/var/log/vfiofs.log"}
+# What mount(8) and mount.fuse3 pass along that is not for the FUSE mount: fstab-only
+# options, and rw/dev/suid, which mount(8) states as root's defaults (the mount stays
+# nodev,nosuid: the nodes are regular files and nothing in the mount is setuid).
+IGNORED_OPTIONS = {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail",
+                   "_netdev", "rw", "dev", "suid"}
+IGNORED_PREFIXES = ("x-", "X-", "comment=")
 
 
 class CliError(Exception):
@@ -31,14 +49,22 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vfiofs", description="Emulated VFIO devices (cdev + iommufd) as a FUSE filesystem.")
+    parser = _Parser(
+        prog="vfiofs", description="Emulated VFIO devices (cdev + iommufd) as a FUSE filesystem.",
+        epilog="'vfiofs SOURCE MOUNTPOINT [-o OPT,...]' (how mount -t fuse.vfiofs and fstab run it) is "
+               "'vfiofs mount MOUNTPOINT --devices SOURCE -o OPT,...'; SOURCE 'bundled' means the bundled devices.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     mount = sub.add_parser("mount", help="mount emulated devices at MOUNTPOINT")
     mount.add_argument("mountpoint", type=Path)
-    mount.add_argument("--devices", type=Path, help="directory of device definitions (default: the bundled devices)")
+    mount.add_argument("--devices", metavar="DIR",
+                       help="directory of device definitions (default, or 'bundled': the bundled devices)")
     mount.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]",
-                       help="FUSE mount options, e.g. allow_other")
+                       help="FUSE mount options, e.g. allow_other; also gid=, mode=, state_dir=, log= "
+                            "(the same as the flags)")
+    mount.add_argument("--group", metavar="NAME|GID",
+                       help="group that owns the nodes (default: the mounting user's group)")
+    mount.add_argument("--mode", metavar="OCTAL", help="mode of the device nodes (default: 0600)")
     mount.add_argument("--state-dir", type=Path, default=default_state_dir(),
                        help="where persistent regions keep their contents (default: %(default)s)")
     mount.add_argument("--log", type=Path, help="in the background, append log messages to this file")
@@ -55,21 +81,61 @@ def default_state_dir() -> Path:
 
 
 def check_mountpoint(path: Path) -> Path:
-    try:
-        path.stat()
-    except FileNotFoundError:
-        raise CliError(f"mountpoint {path} does not exist: create it with 'mkdir -p {path}'") from None
-    except OSError as exc:
-        if exc.errno == errno.ENOTCONN:
-            raise CliError(
-                f"{path} is a stale FUSE mount whose daemon died: clear it with 'fusermount3 -u -z {path}'"
-            ) from None
-        raise CliError(f"cannot use mountpoint {path}: {exc.strerror}") from None
+    for _ in range(8):  # each lazy unmount uncovers what was below; stale mounts rarely stack
+        try:
+            path.stat()  # may come from the kernel's attribute cache, even with the daemon gone
+            if os.path.ismount(path):
+                os.statvfs(path)  # never cached: a FUSE mount without its daemon says ENOTCONN
+            break
+        except FileNotFoundError:
+            raise CliError(f"mountpoint {path} does not exist: create it with 'mkdir -p {path}'") from None
+        except OSError as exc:
+            if exc.errno != errno.ENOTCONN:
+                raise CliError(f"cannot use mountpoint {path}: {exc.strerror}") from None
+            clean_stale_mount(path)
     if not path.is_dir():
         raise CliError(f"mountpoint {path} is not a directory")
     if os.path.ismount(path):
         raise CliError(f"{path} is already a mount point: unmount it first ('vfiofs umount {path}')")
     return path.resolve()
+
+
+def clean_stale_mount(path: Path) -> None:
+    """``path`` answers ENOTCONN: a FUSE mount whose daemon is gone. Detach it if it is ours."""
+    fstype = mount_type(path)
+    if fstype != "fuse.vfiofs":
+        what = f"{fstype} mount" if fstype else "FUSE mount"
+        raise CliError(f"{path} is a stale {what} whose daemon died: clear it with 'fusermount3 -u -z {path}'")
+    if os.geteuid() == 0 or not shutil.which("fusermount3"):
+        command = ["umount", "-l", str(path)]
+    else:
+        command = ["fusermount3", "-u", "-z", str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        detail = (result.stderr.strip().splitlines() or ["unknown error"])[-1]
+        raise CliError(f"{path} is a stale mount (daemon gone) that cannot be cleaned up: {detail}")
+    print(f"vfiofs: {path} was a stale mount (daemon gone); cleaned it up and mounting again",
+          file=sys.stderr, flush=True)
+
+
+def mount_type(path: Path) -> str | None:
+    """The filesystem type of the top-most mount at ``path``, from /proc/self/mountinfo (None: none)."""
+    absolute = os.path.abspath(path)
+    parent, name = os.path.split(absolute)
+    target = os.fsencode(os.path.join(os.path.realpath(parent), name))  # never stat the dead mount itself
+    found = None
+    try:
+        with open("/proc/self/mountinfo", "rb") as mountinfo:
+            for line in mountinfo:
+                fields = line.split()
+                if b"-" not in fields[6:]:
+                    continue
+                point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
+                if point == target:
+                    found = fields[fields.index(b"-", 6) + 1].decode(errors="replace")
+    except (OSError, IndexError):
+        return None
+    return found
 
 
 def check_fuse_device() -> None:
@@ -85,8 +151,8 @@ def check_fuse_device() -> None:
             )
 
 
-def _load(devices: Path | None):
-    directory = devices if devices is not None else bundled_directory()
+def _load(devices: str | None):
+    directory = bundled_directory() if devices is None or devices in BUNDLED else Path(devices)
     try:
         return load_directory(directory)
     except DefinitionError as exc:
@@ -97,17 +163,67 @@ def _split_options(groups: Sequence[str]) -> list[str]:
     return [opt.strip() for group in groups for opt in group.split(",") if opt.strip()]
 
 
+def parse_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise CliError(f"bad mode {text!r}: give permission bits in octal, from 0 to 0777 (e.g. 0660)")
+    return mode
+
+
+def resolve_group(text: str) -> int:
+    if text.isdigit():
+        gid = int(text)
+        if gid >= 0xFFFFFFFF:
+            raise CliError(f"bad group {text!r}: a gid is below 4294967295")
+        return gid
+    try:
+        return grp.getgrnam(text).gr_gid
+    except (KeyError, ValueError):
+        raise CliError(f"group {text!r} does not exist: create it ('groupadd --system {text}') "
+                       "or give a numeric gid") from None
+
+
+def _take_own_options(args: argparse.Namespace) -> list[str]:
+    """Move vfiofs's options out of ``-o`` into ``args``, drop mount(8)'s; the rest is for FUSE."""
+    flags = {"gid": ("--group", args.group), "mode": ("--mode", args.mode)}
+    fuse: list[str] = []
+    for opt in _split_options(args.options):
+        key, equals, value = opt.partition("=")
+        if key in OWN_OPTIONS:
+            if not equals or not value:
+                raise CliError(f"-o {key} needs a value, e.g. -o {OWN_OPTIONS[key]}")
+            flag, given = flags.get(key, (None, None))
+            if given is not None and given != value:
+                raise CliError(f"{flag} {given} and -o {opt} disagree: give one of them")
+            if key == "gid":
+                args.group = value
+            elif key == "mode":
+                args.mode = value
+            else:  # state_dir, log
+                setattr(args, key, Path(value))
+        elif opt in IGNORED_OPTIONS or opt.startswith(IGNORED_PREFIXES):
+            continue
+        else:
+            fuse.append(opt)
+    return fuse
+
+
 def cmd_mount(args: argparse.Namespace) -> int:
+    options = _take_own_options(args)
+    gid = resolve_group(args.group) if args.group is not None else os.getgid()
+    mode = parse_mode(args.mode) if args.mode is not None else DEFAULT_MODE
     mountpoint = check_mountpoint(args.mountpoint)
     check_fuse_device()
     definitions = _load(args.devices)
-    options = _split_options(args.options)
     if not args.foreground:
-        return _spawn_background(args, mountpoint, definitions[0].path.parent)
-    return _run_foreground(args, mountpoint, definitions, options)
+        return _spawn_background(args, mountpoint, definitions[0].path.parent, options, gid, mode)
+    return _run_foreground(args, mountpoint, definitions, options, gid, mode)
 
 
-def _run_foreground(args, mountpoint: Path, definitions, options: list[str]) -> int:
+def _run_foreground(args, mountpoint: Path, definitions, options: list[str], gid: int, mode: int) -> int:
     from .daemon import MountError, serve  # pyfuse3 is only needed to actually mount
 
     ready_fd = args.ready_fd
@@ -119,7 +235,7 @@ def _run_foreground(args, mountpoint: Path, definitions, options: list[str]) -> 
             os.close(ready_fd)
 
     try:
-        serve(mountpoint, definitions, options, on_ready, state_dir=args.state_dir)
+        serve(mountpoint, definitions, options, on_ready, state_dir=args.state_dir, gid=gid, file_mode=mode)
     except MountError as exc:
         if ready_fd is not None:
             os.write(ready_fd, f"error: {exc}\n".encode())
@@ -127,16 +243,21 @@ def _run_foreground(args, mountpoint: Path, definitions, options: list[str]) -> 
     return 0
 
 
-def _spawn_background(args, mountpoint: Path, devices: Path) -> int:
-    """Start the daemon as a detached child and return once its mount is ready."""
+def _spawn_background(args, mountpoint: Path, devices: Path, options: list[str], gid: int, mode: int) -> int:
+    """Start the daemon as a detached child and return once its mount answers."""
     read_end, write_end = os.pipe()
     command = [sys.executable, "-m", "vfiofs", "mount", "-f", "--ready-fd", str(write_end),
                "--devices", str(devices.resolve()), "--state-dir", str(args.state_dir.resolve()),
-               str(mountpoint)]
-    command += [f"-o{opt}" for opt in _split_options(args.options)]
+               "--group", str(gid), "--mode", f"{mode:04o}", str(mountpoint)]
+    command += [f"-o{opt}" for opt in options]
     if args.debug:
         command.append("--debug")
-    log = open(args.log, "ab") if args.log else subprocess.DEVNULL
+    try:
+        log = open(args.log, "ab") if args.log else subprocess.DEVNULL
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        raise CliError(f"cannot open the log file {args.log}: {exc.strerror}") from None
     try:
         subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log,
                          stderr=log, start_new_session=True)
@@ -166,8 +287,17 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def mount_helper_argv(argv: Sequence[str]) -> list[str]:
+    """``vfiofs SOURCE MOUNTPOINT [-o OPTS]`` (mount.fuse3's call) as ``vfiofs mount`` arguments."""
+    argv = list(argv)
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        source, mountpoint, rest = argv[0], argv[1], argv[2:]
+        return ["mount", mountpoint, "--devices", source, *rest]
+    return argv
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(mount_helper_argv(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "debug", False) else logging.INFO,
         format="vfiofs[%(process)d] %(levelname)s %(name)s: %(message)s",

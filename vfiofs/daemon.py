@@ -1,4 +1,10 @@
-"""Running a mount: build devices from definitions, mount, serve until a signal, unmount."""
+"""Running a mount: build devices from definitions, mount, serve until a signal, unmount.
+
+Readiness means the mount answers: once the FUSE loop runs, a worker thread stat()s the
+mount root (a request this daemon must answer), and only then is ``on_ready`` called and
+the service manager told READY=1 (sd_notify over ``$NOTIFY_SOCKET``, for systemd's
+Type=notify). STOPPING=1 follows when the daemon starts to unmount.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -76,19 +83,53 @@ def mount_options(extra: Sequence[str]) -> set[str]:
     return set(BASE_OPTIONS) | {opt for opt in extra if opt}
 
 
+def sd_notify(state: str) -> bool:
+    """Tell the service manager ``state`` (e.g. ``READY=1``) as sd_notify(3) does.
+
+    ``$NOTIFY_SOCKET`` is a datagram socket: a path, or an abstract name written with a
+    leading '@'. Returns False when there is no manager to tell or it cannot be reached;
+    never raises.
+    """
+    address = os.environ.get("NOTIFY_SOCKET", "")
+    if not address:
+        return False
+    if address.startswith("@"):
+        target = b"\0" + os.fsencode(address[1:])
+    elif address.startswith("/"):
+        target = os.fsencode(address)
+    else:
+        log.warning("NOTIFY_SOCKET=%s is not a UNIX socket; not notifying the service manager", address)
+        return False
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(target)
+            sock.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify the service manager at %s: %s", address, exc.strerror or exc)
+        return False
+    return True
+
+
 def serve(
     mountpoint: Path,
     definitions: Sequence[Definition],
     options: Sequence[str] = (),
     on_ready: Callable[[], None] | None = None,
     state_dir: Path | None = None,
+    gid: int | None = None,
+    file_mode: int = 0o600,
 ) -> None:
-    """Mount and serve in this process until SIGINT/SIGTERM; always unmounts."""
+    """Mount and serve in this process until SIGINT/SIGTERM; always unmounts.
+
+    The nodes belong to this process's uid and to ``gid`` (default: this process's gid);
+    device, group, iommu and port nodes get ``file_mode``. ``on_ready`` runs once the
+    mount answers.
+    """
     raise_fd_limit()
     keep_large_allocations_on_the_heap()
     server = build_server(definitions, state_dir)
     try:
-        _serve(server, mountpoint, options, on_ready)
+        _serve(server, mountpoint, options, on_ready, os.getgid() if gid is None else gid, file_mode)
     finally:
         if server.channel is not None:
             server.channel.close()
@@ -99,8 +140,9 @@ def serve(
                 log.exception("shutting down %s", device.name)
 
 
-def _serve(server: Server, mountpoint: Path, options: Sequence[str], on_ready: Callable[[], None] | None) -> None:
-    ops = VfioOperations(server, uid=os.getuid(), gid=os.getgid())
+def _serve(server: Server, mountpoint: Path, options: Sequence[str], on_ready: Callable[[], None] | None,
+           gid: int, file_mode: int) -> None:
+    ops = VfioOperations(server, uid=os.getuid(), gid=gid, file_mode=file_mode)
     models = [device.driver.model for device in server.devices]
     with _stderr_captured() as libfuse_said:
         try:
@@ -110,14 +152,21 @@ def _serve(server: Server, mountpoint: Path, options: Sequence[str], on_ready: C
             failure = exc
     if failure is not None:
         reason = " ".join(libfuse_said()) or str(failure)
-        raise MountError(f"cannot mount {mountpoint}: {reason} (check the -o options and the mountpoint)")
+        if "user_allow_other" in reason:
+            hint = "add a line 'user_allow_other' to /etc/fuse.conf (as root), or mount without allow_other"
+        else:
+            hint = "check the -o options and the mountpoint"
+        raise MountError(f"cannot mount {mountpoint}: {reason} ({hint})")
     for line in libfuse_said():
         log.warning("libfuse: %s", line)
     try:
-        trio.run(_main, on_ready, models)
+        unanswered = trio.run(_main, on_ready, models, mountpoint)
     finally:
+        sd_notify("STOPPING=1")
         pyfuse3.close(unmount=True)
     log.info("unmounted %s", mountpoint)
+    if unanswered:
+        raise MountError(unanswered)
 
 
 @contextlib.contextmanager
@@ -137,7 +186,9 @@ def _stderr_captured() -> Iterator[Callable[[], list[str]]]:
             lines.extend(line.strip() for line in sink.read().decode(errors="replace").splitlines() if line.strip())
 
 
-async def _main(on_ready: Callable[[], None] | None, models: Sequence[DeviceModel] = ()) -> None:
+async def _main(on_ready: Callable[[], None] | None, models: Sequence[DeviceModel] = (),
+                mountpoint: Path | None = None) -> str | None:
+    """Serve until a signal or an external unmount; a one-line failure if the mount never answered."""
     async with trio.open_nursery() as nursery:
         scheduler = TrioScheduler(nursery)
         for model in models:  # timers and tasks of device models run in this nursery
@@ -151,9 +202,17 @@ async def _main(on_ready: Callable[[], None] | None, models: Sequence[DeviceMode
 
         nursery.start_soon(fuse_loop)
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            if mountpoint is not None:
+                try:  # a request this loop must answer: the mount works once it returns
+                    await trio.to_thread.run_sync(os.stat, mountpoint)
+                except OSError as exc:
+                    nursery.cancel_scope.cancel()
+                    return f"the mount at {mountpoint} does not answer: {exc.strerror or exc}"
             if on_ready is not None:
                 on_ready()
+            sd_notify(f"READY=1\nSTATUS=serving {len(models)} device(s) at {mountpoint}")
             async for signum in signals:
                 log.info("received %s, unmounting", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+    return None
