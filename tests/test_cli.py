@@ -275,3 +275,22 @@ def test_debug_logs_every_request(tmp_path):
     assert wait_until(lambda: "release fh=" in log.read_text())
     text = log.read_text()
     assert "open vfio0" in text and "read fh=1 off=0x0 -> EINVAL: handle is blocked" in text
+
+
+def test_validate_checks_definitions_without_mounting(tmp_path):
+    result = vfiofs("validate")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1] == "5 definition(s) valid"
+    assert lines[4].startswith("vfio4: vedu.toml: edu [1234:11e8] model edu, BAR0 0x100000")
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "one.toml").write_text('iommu_group = 3\n[[bar]]\nindex = 0\nsize = "4KiB"\nmmap = true\n')
+    result = vfiofs("validate", str(good))
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        "vfio0: one.toml: one [1234:5241] model generic, BAR0 0x1000 mmap, no capabilities, group 3",
+        "1 definition(s) valid"]
+    (good / "two.toml").write_text('[[bar]]\nindex = 9\nsize = 4096\n')
+    assert_one_line_error(vfiofs("validate", str(good)), f"{good / 'two.toml'}: bar[0].index: must be 0-5")
+    assert_one_line_error(vfiofs("validate", str(tmp_path / "missing")), "is not a directory")

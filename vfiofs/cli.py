@@ -25,7 +25,7 @@ from typing import NoReturn, Sequence
 from .definitions import DefinitionError, bundled_directory, load_directory
 
 FUSE_DEVICE = Path("/dev/fuse")
-COMMANDS = ("mount", "umount")
+COMMANDS = ("mount", "umount", "validate")
 BUNDLED = ("bundled", "vfiofs")  # a SOURCE (or --devices) naming the bundled definitions
 DEFAULT_MODE = 0o600
 # vfiofs's own -o options (for fstab lines, which cannot pass flags): key -> example value.
@@ -72,6 +72,8 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     umount = sub.add_parser("umount", help="unmount a vfiofs mount")
     umount.add_argument("mountpoint", type=Path)
+    validate = sub.add_parser("validate", help="check device definitions without mounting")
+    validate.add_argument("directory", type=Path, nargs="?", help="definitions (default: the bundled devices)")
     return parser
 
 
@@ -287,6 +289,21 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Load every definition as a mount would; print one line per device, or the first error."""
+    definitions = _load(args.directory)
+    for index, definition in enumerate(definitions):
+        spec = definition.spec
+        bars = ", ".join(f"BAR{b.index} {b.size:#x}{' mmap' if b.mmap else ''}{' io' if b.io else ''}"
+                         for b in spec.bars) or "no BARs"
+        caps = ",".join(c.kind for c in spec.capabilities) or "no capabilities"
+        print(f"vfio{index}: {definition.path.name}: {definition.name} "
+              f"[{spec.identity.vendor:04x}:{spec.identity.device:04x}] model {definition.model}, {bars}, "
+              f"{caps}, group {spec.iommu_group}")
+    print(f"{len(definitions)} definition(s) valid")
+    return 0
+
+
 def mount_helper_argv(argv: Sequence[str]) -> list[str]:
     """``vfiofs SOURCE MOUNTPOINT [-o OPTS]`` (mount.fuse3's call) as ``vfiofs mount`` arguments."""
     argv = list(argv)
@@ -303,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="vfiofs[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return {"mount": cmd_mount, "umount": cmd_umount}[args.command](args)
+        return {"mount": cmd_mount, "umount": cmd_umount, "validate": cmd_validate}[args.command](args)
     except CliError as exc:
         print(f"vfiofs: {exc}", file=sys.stderr)
         return 1
