@@ -41,6 +41,7 @@ ATTR_TIMEOUT = 300.0  # the tree never changes while mounted
 GROUP_INODE_BASE = 1 << 20  # vfio/<N> group nodes
 SYSFS_INODE_BASE = 1 << 24  # sys/ nodes: far above the fixed inodes (100 + device index)
 SYSFS_FH_BASE = 1 << 48  # sys/ file handles: the Server's numbers start at 1
+SIDE_FH_BASE = 1 << 47  # every handle at or above this is a sys/ or ports/ file, not a VFIO handle
 PORTS_INODE_BASE = 1 << 22  # the ports/ directory; ports/vfioN is PORTS_INODE_BASE + 1 + N
 PORTS_FH_BASE = 1 << 47  # ports/ file handles
 # What poll reports for a file without a poll method (the kernel's DEFAULT_POLLMASK).
@@ -326,12 +327,13 @@ class VfioOperations(pyfuse3.Operations):
         return mask
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        content = self._sysfs_open.get(fh)
-        if content is not None:
-            return content[off : off + size] if off >= 0 else b""
-        port = self._port_files.get(fh)
-        if port is not None:
-            return self._port_read(fh, port, size)
+        if fh >= SIDE_FH_BASE:  # sys/ and ports/ files; VFIO handles are numbered far below
+            content = self._sysfs_open.get(fh)
+            if content is not None:
+                return content[off : off + size] if off >= 0 else b""
+            port = self._port_files.get(fh)
+            if port is not None:
+                return self._port_read(fh, port, size)
         try:
             data = self.server.read(fh, off, size)
         except Exception as exc:
@@ -341,11 +343,12 @@ class VfioOperations(pyfuse3.Operations):
         return data
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
-        if fh in self._sysfs_open:
-            raise pyfuse3.FUSEError(errno.EACCES)  # opened read-only; the kernel says EBADF first
-        port = self._port_files.get(fh)
-        if port is not None:
-            return self._port_write(fh, port, buf)
+        if fh >= SIDE_FH_BASE:
+            if fh in self._sysfs_open:
+                raise pyfuse3.FUSEError(errno.EACCES)  # opened read-only; the kernel says EBADF first
+            port = self._port_files.get(fh)
+            if port is not None:
+                return self._port_write(fh, port, buf)
         try:
             written = self.server.write(fh, off, buf)
         except Exception as exc:

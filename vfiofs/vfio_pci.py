@@ -314,7 +314,13 @@ class VfioPciDevice:
         data = data if count == len(data) else data[:count]
         msix = self._msix_ranges.get(index)
         if msix is None:
-            call_model("bar_write", self.model.bar_write, index, pos, data)
+            try:
+                self.model.bar_write(index, pos, data)
+            except VfioError:
+                raise
+            except Exception:
+                log.exception("device model failed in bar_write")
+                raise VfioError(errno.EIO, "device model failed in bar_write") from None
             return count
         # The PBA is read-only; a write to the table may unmask a vector with a pending message.
         pba = [(lo, hi) for lo, hi, what in msix if what == "pba" and lo < pos + count and pos < hi]
