@@ -6,18 +6,19 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
 from support import Mount, is_mounted, start_mount, stop_mount
 
+MODELS = Path(__file__).resolve().parent / "models"
 
-@pytest.fixture
-def mount(tmp_path: Path):
-    """The bundled devices mounted in a temporary directory (vfio0: 64 KiB RAM, vfio1: 1 MiB RAM)."""
-    mountpoint = tmp_path / "mnt"
+
+def _serve(mountpoint: Path, **kwargs) -> Iterator[Mount]:
+    """Mount, yield, and check on the way out that the daemon lived and SIGTERM unmounted it."""
     mountpoint.mkdir()
-    m: Mount = start_mount(mountpoint)
+    m = start_mount(mountpoint, **kwargs)
     try:
         yield m
     finally:
@@ -29,27 +30,21 @@ def mount(tmp_path: Path):
 
 
 @pytest.fixture
+def mount(tmp_path: Path):
+    """The bundled devices in a temporary directory (vfio0-1 RAM, vfio2 showcase, vfio3 UART, vfio4 edu)."""
+    yield from _serve(tmp_path / "mnt")
+
+
+@pytest.fixture
+def models_mount(tmp_path: Path):
+    """tests/models mounted (the interrupt/DMA test device as vfio0), its Python models importable."""
+    yield from _serve(tmp_path / "modelsmnt", devices=MODELS, pythonpath=MODELS)
+
+
+@pytest.fixture
 def public_dir():
     """A directory every user can traverse (pytest's tmp_path is private to root)."""
     path = tempfile.mkdtemp(prefix="vfiofs-public-")
     os.chmod(path, 0o755)
     yield Path(path)
     shutil.rmtree(path, ignore_errors=True)
-
-
-MODELS = Path(__file__).resolve().parent / "models"
-
-
-@pytest.fixture
-def models_mount(tmp_path: Path):
-    """tests/models mounted (the interrupt/DMA test device as vfio0), its Python models importable."""
-    mountpoint = tmp_path / "modelsmnt"
-    mountpoint.mkdir()
-    m: Mount = start_mount(mountpoint, devices=MODELS, pythonpath=MODELS)
-    try:
-        yield m
-    finally:
-        alive = m.alive()
-        returncode = stop_mount(m)
-        assert alive, "the daemon died during the test"
-        assert returncode == 0, f"daemon exited with {returncode}"

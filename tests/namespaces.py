@@ -222,8 +222,7 @@ def python_as(uid: int, gid: int, code: str, *args: str, groups: list[int] | Non
 @contextlib.contextmanager
 def temporary_user() -> Iterator[pwd.struct_passwd]:
     """A fresh unprivileged system user with its own group, deleted afterwards."""
-    if not shutil.which("useradd") or not shutil.which("userdel"):
-        pytest.skip("needs useradd and userdel")
+    assert shutil.which("useradd") and shutil.which("userdel"), "the non-root tests need useradd and userdel (passwd)"
     name = f"vfiofs-test-{os.getpid()}-{secrets.token_hex(3)}"
     result = subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
                              "--shell", "/usr/sbin/nologin", "--comment", "vfiofs test suite", name],
