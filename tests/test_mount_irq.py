@@ -416,3 +416,17 @@ def test_a_timer_in_the_model_raises_the_interrupt_later(dev):
     ready, _, _ = select.select([efd], [], [], 10)
     assert ready == [efd] and os.eventfd_read(efd) == 1  # ... and the cancelled one never fired
     os.close(efd)
+
+
+def test_a_saturated_eventfd_cannot_hang_the_daemon(dev, irqmount):
+    """A client can push its own eventfd to the maximum count; the daemon must not block on it."""
+    (efd,) = eventfds(1)
+    dev.enable_irq_eventfds(MSIX, [efd])
+    msix_vector_ctrl(dev, 0, masked=False)
+    os.eventfd_write(efd, 0xFFFF_FFFF_FFFF_FFFE)  # the counter's maximum
+    poke(dev, 0x00, 0)  # would block the daemon forever if it wrote
+    assert dev.get_irq_info(MSIX).count == 16  # the daemon still answers
+    assert os.eventfd_read(efd) == 0xFFFF_FFFF_FFFF_FFFE
+    poke(dev, 0x00, 0)
+    assert count(efd) == 1  # and counting resumes once the driver read it
+    os.close(efd)

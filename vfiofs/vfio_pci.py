@@ -12,6 +12,7 @@ import ctypes
 import errno
 import logging
 import os
+import select
 import struct
 from collections import deque
 from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
@@ -52,9 +53,15 @@ _FEATURE_FLAGS = (
 
 
 def _signal_eventfd(trigger: Trigger) -> None:
+    """Add 1 to the driver's eventfd. It is the driver's blocking eventfd (its flags are shared,
+    so the daemon cannot make it non-blocking): a write to a counter at its maximum would block
+    the daemon, so a saturated counter is left as it is (it cannot count higher anyway)."""
     try:
+        if not select.select([], [trigger.fd], [], 0)[1]:
+            log.warning("eventfd %d is saturated; interrupt not counted", trigger.fd)
+            return
         os.eventfd_write(trigger.fd, 1)
-    except OSError as exc:  # the descriptor is the daemon's own: this should not happen
+    except (OSError, ValueError) as exc:  # the descriptor is the daemon's own: this should not happen
         log.warning("cannot signal eventfd %d: %s", trigger.fd, exc)
 
 
