@@ -94,8 +94,8 @@ async def test_root_attributes(ops):
     assert attrs.st_ino == ROOT
     assert attrs.st_mode == DIR_MODE
     assert (attrs.st_uid, attrs.st_gid) == (UID, GID)
-    assert attrs.st_nlink == 5  # ".", the entry in the parent, vfio/.., ports/.. and sys/..
-    assert set(ops.nodes[ROOT].children) == {b"iommu", b"vfio", b"ports", b"sys"}
+    assert attrs.st_nlink == 6  # ".", the entry in the parent, vfio/.., ports/.., sys/.. and .vfiofs/..
+    assert set(ops.nodes[ROOT].children) == {b"iommu", b"vfio", b"ports", b"sys", b".vfiofs"}
 
 
 @pytest.mark.parametrize(

@@ -347,7 +347,7 @@ def test_adapter_survives_a_sysfs_bug(monkeypatch, caplog):
 
     monkeypatch.setattr(sysfs, "build_tree", broken)
     ops = VfioOperations(build_server(load_directory(bundled_directory())), 0, 0)
-    assert set(ops.nodes[pyfuse3.ROOT_INODE].children) == {b"iommu", b"vfio", b"ports"}
+    assert set(ops.nodes[pyfuse3.ROOT_INODE].children) == {b"iommu", b"vfio", b"ports", b".vfiofs"}
     assert "cannot build the sys/ tree" in caplog.text
 
 

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import errno
+import time
+import select
+import json
 import grp
 import logging
 import os
@@ -25,7 +28,7 @@ from typing import NoReturn, Sequence
 from .definitions import DefinitionError, bundled_directory, load_directory
 
 FUSE_DEVICE = Path("/dev/fuse")
-COMMANDS = ("mount", "umount", "validate")
+COMMANDS = ("mount", "umount", "validate", "ls", "trace")
 BUNDLED = ("bundled", "vfiofs")  # a SOURCE (or --devices) naming the bundled definitions
 DEFAULT_MODE = 0o600
 # vfiofs's own -o options (for fstab lines, which cannot pass flags): key -> example value.
@@ -72,6 +75,13 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     umount = sub.add_parser("umount", help="unmount a vfiofs mount")
     umount.add_argument("mountpoint", type=Path)
+    ls = sub.add_parser("ls", help="list the devices of a mount and who uses them")
+    ls.add_argument("mountpoint", type=Path)
+    ls.add_argument("--json", action="store_true", help="print the daemon's status as JSON")
+    trace = sub.add_parser("trace", help="stream every device access of a mount as it happens")
+    trace.add_argument("mountpoint", type=Path)
+    trace.add_argument("--json", action="store_true", help="one JSON object per line")
+    trace.add_argument("--count", type=int, help="stop after this many events")
     validate = sub.add_parser("validate", help="check device definitions without mounting")
     validate.add_argument("directory", type=Path, nargs="?", help="definitions (default: the bundled devices)")
     return parser
@@ -304,6 +314,94 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _control_file(mountpoint: Path, name: str) -> Path:
+    path = mountpoint / ".vfiofs" / name
+    try:
+        if path.is_file():
+            return path
+    except OSError as exc:
+        raise CliError(f"cannot read {mountpoint}: {exc.strerror}") from None
+    raise CliError(f"{mountpoint} is not a vfiofs mount (no .vfiofs/{name})")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    try:
+        status = json.loads(_control_file(args.mountpoint, "status").read_text())
+    except OSError as exc:
+        raise CliError(f"cannot read the status of {args.mountpoint}: {exc.strerror}") from None
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return 0
+    rows = [("NODE", "NAME", "IDS", "BDF", "GROUP", "BOUND BY", "IOAS", "IRQ")]
+    for dev in status["devices"]:
+        bound = ", ".join(f"pid {b['pid']} ({b['via']})" for b in dev["bound_by"]) or "-"
+        rows.append((dev["node"], dev["name"], f"{dev['vendor']}:{dev['device']}", dev["bdf"], str(dev["group"]),
+                     bound, "-" if dev["ioas"] is None else str(dev["ioas"]), dev["interrupts"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def format_event(event: dict) -> str:
+    """One trace event as a line of text."""
+    stamp = time.strftime("%H:%M:%S", time.localtime(event["t"])) + f".{int(event['t'] % 1 * 1e6):06d}"
+    op = event.get("op")
+    where = f"{event.get('device', '-')}"
+    if "handle" in event:
+        where += f" fh={event['handle']}"
+    if op in ("read", "write"):
+        text = f"{op} {event['region']}+{event['offset']:#x} size {event['size']}"
+        if "value" in event:
+            text += f" = {event['value']}"
+    elif op == "ioctl":
+        text = f"{event['command']}"
+    elif op == "irq":
+        text = f"interrupt ({event.get('type')}) -> eventfd {event.get('eventfd')}"
+    elif op == "dma":
+        text = f"DMA fault: {event['fault']}" if "fault" in event else \
+            f"DMA {event.get('direction')} {event.get('iova')} size {event.get('size')}"
+    else:
+        text = json.dumps({k: v for k, v in event.items() if k != "t"})
+    if event.get("errno"):
+        text += f" -> {event['errno']}"
+    return f"{stamp} {where} {text}"
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    path = _control_file(args.mountpoint, "trace")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise CliError(f"cannot open {path}: {exc.strerror}") from None
+    seen = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    if not args.json:
+        print(f"vfiofs: tracing {args.mountpoint} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        while args.count is None or seen < args.count:
+            poller.poll()
+            try:
+                chunk = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                continue
+            for line in chunk.decode(errors="replace").splitlines():
+                print(line if args.json else format_event(json.loads(line)), flush=True)
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    break
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        pass
+    except OSError as exc:
+        raise CliError(f"tracing stopped: {exc.strerror} (was the mount unmounted?)") from None
+    finally:
+        os.close(fd)
+    return 0
+
+
 def mount_helper_argv(argv: Sequence[str]) -> list[str]:
     """``vfiofs SOURCE MOUNTPOINT [-o OPTS]`` (mount.fuse3's call) as ``vfiofs mount`` arguments."""
     argv = list(argv)
@@ -320,7 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="vfiofs[%(process)d] %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return {"mount": cmd_mount, "umount": cmd_umount, "validate": cmd_validate}[args.command](args)
+        commands = {"mount": cmd_mount, "umount": cmd_umount, "validate": cmd_validate, "ls": cmd_ls,
+                    "trace": cmd_trace}
+        return commands[args.command](args)
     except CliError as exc:
         print(f"vfiofs: {exc}", file=sys.stderr)
         return 1

@@ -20,6 +20,7 @@ handles also live in a table of their own, numbered from ``PORTS_FH_BASE``.
 from __future__ import annotations
 
 import errno
+import json
 import itertools
 import logging
 import os
@@ -27,7 +28,7 @@ import select
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import pyfuse3
 
@@ -41,7 +42,9 @@ ATTR_TIMEOUT = 300.0  # the tree never changes while mounted
 GROUP_INODE_BASE = 1 << 20  # vfio/<N> group nodes
 SYSFS_INODE_BASE = 1 << 24  # sys/ nodes: far above the fixed inodes (100 + device index)
 SYSFS_FH_BASE = 1 << 48  # sys/ file handles: the Server's numbers start at 1
-SIDE_FH_BASE = 1 << 47  # every handle at or above this is a sys/ or ports/ file, not a VFIO handle
+SIDE_FH_BASE = 1 << 47  # every handle at or above this is a sys/, ports/ or .vfiofs/ file
+TRACE_FH_BASE = 3 << 46  # .vfiofs/trace handles, between ports/ (1 << 47) and sys/ (1 << 48)
+CONTROL_INODE_BASE = 1 << 23  # the .vfiofs directory and its files
 PORTS_INODE_BASE = 1 << 22  # the ports/ directory; ports/vfioN is PORTS_INODE_BASE + 1 + N
 PORTS_FH_BASE = 1 << 47  # ports/ file handles
 # What poll reports for a file without a poll method (the kernel's DEFAULT_POLLMASK).
@@ -54,7 +57,8 @@ class Node:
     name: bytes
     mode: int
     children: dict[bytes, "Node"] = field(default_factory=dict)
-    opener: Callable[[int], int] | None = None  # files only: opener(uid) returns a new fh
+    opener: Callable[..., int] | None = None  # files only: opener(uid, pid) returns a new fh
+    special: str = ""  # ".vfiofs/status" and ".vfiofs/trace": produced by the daemon when opened
     content: bytes | None = None  # sys/ files: their fixed contents (no opener)
     target: bytes | None = None  # symlinks: what readlink returns
     size: int = 0  # st_size
@@ -67,6 +71,26 @@ class PortFile:
 
     model: object
     poll_handle: object | None = None  # pyfuse3.PollHandle, good for one notification
+
+
+@dataclass
+class TraceFile:
+    """An open ``.vfiofs/trace``: its queue of events, and the latest poll handle to wake."""
+
+    subscriber: Any = None
+    poll_handle: object | None = None
+
+
+def _process_of(tid: int) -> int:
+    """FUSE reports the calling thread; `vfiofs ls` wants its process (Tgid)."""
+    try:
+        with open(f"/proc/{tid}/status") as status:
+            for line in status:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return tid
 
 
 def _failure(exc: BaseException, what: str, fh: int = 0, off: int = 0) -> pyfuse3.FUSEError:
@@ -100,16 +124,25 @@ class VfioOperations(pyfuse3.Operations):
         vfio.children = {devices.name: devices, container.name: container}
         for number in sorted(server.groups):
             group = self._add(GROUP_INODE_BASE + number, str(number).encode(), stat.S_IFREG | file_mode,
-                              lambda uid, number=number: server.open_group(number, uid))
+                              lambda uid, pid=0, number=number: server.open_group(number, uid, pid))
             vfio.children[group.name] = group
         for device in server.devices:
             node = self._add(
                 100 + device.index,
                 f"vfio{device.index}".encode(),
                 stat.S_IFREG | file_mode,
-                lambda uid, index=device.index: server.open_device(index, uid),
+                lambda uid, pid=0, index=device.index: server.open_device(index, uid, pid),
             )
             devices.children[node.name] = node
+        # .vfiofs/status (a snapshot for `vfiofs ls`) and .vfiofs/trace (the event stream)
+        control = self._add(CONTROL_INODE_BASE, b".vfiofs", stat.S_IFDIR | 0o755)
+        root.children[control.name] = control
+        for offset, name in ((1, "status"), (2, "trace")):
+            node = self._add(CONTROL_INODE_BASE + offset, name.encode(), stat.S_IFREG | (file_mode & 0o444))
+            node.special = name
+            control.children[node.name] = node
+        self._trace_files: dict[int, TraceFile] = {}
+        self._trace_fhs = itertools.count(TRACE_FH_BASE)
         self._port_files: dict[int, PortFile] = {}  # ports/ file handles
         self._port_fhs = itertools.count(PORTS_FH_BASE)
         self._add_ports(root, server.devices, file_mode)
@@ -170,7 +203,7 @@ class VfioOperations(pyfuse3.Operations):
         except Exception:
             log.exception("internal error in a port notification")
 
-    def _add(self, inode: int, name: bytes, mode: int, opener: Callable[[int], int] | None = None) -> Node:
+    def _add(self, inode: int, name: bytes, mode: int, opener: Callable[..., int] | None = None) -> Node:
         node = Node(inode, name, mode, opener=opener)
         self.nodes[inode] = node
         return node
@@ -249,16 +282,42 @@ class VfioOperations(pyfuse3.Operations):
             return self._open_port(node)
         if node.content is not None:
             return self._open_sysfs(node.name, node.content, flags)
+        if node.special:
+            return self._open_special(node, flags)
         if node.opener is None:
             raise pyfuse3.FUSEError(errno.EISDIR)
         try:
-            fh = node.opener(ctx.uid)
+            fh = node.opener(ctx.uid, _process_of(ctx.pid))
         except Exception as exc:
             raise _failure(exc, "open") from None
         if self.trace:
             log.debug("open %s pid=%d uid=%d -> fh=%d", node.name.decode(), ctx.pid, ctx.uid, fh)
         # direct_io: every read and write reaches the daemon; nothing is cached.
         return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    def _open_special(self, node: Node, flags: int) -> pyfuse3.FileInfo:
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            raise pyfuse3.FUSEError(errno.EACCES)
+        try:
+            if node.special == "status":
+                content = json.dumps(self.server.status(), indent=1).encode() + b"\n"
+                return self._open_sysfs(node.name, content, flags)
+            fh = next(self._trace_fhs)
+            traced = TraceFile()
+            traced.subscriber = self.server.trace.subscribe(lambda: self._trace_event(traced))
+            self._trace_files[fh] = traced
+        except Exception as exc:
+            raise _failure(exc, "open") from None
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=True)
+
+    @staticmethod
+    def _trace_event(traced: "TraceFile") -> None:
+        handle, traced.poll_handle = traced.poll_handle, None  # one notification per poll handle
+        if handle is not None:
+            try:
+                handle.notify()
+            except Exception as exc:
+                log.debug("trace poll notification failed: %s", exc)
 
     def _open_sysfs(self, name: bytes, content: bytes, flags: int) -> pyfuse3.FileInfo:
         # sys/ files are read-only for everyone: default_permissions stops other users with
@@ -315,6 +374,11 @@ class VfioOperations(pyfuse3.Operations):
         return mask
 
     async def poll(self, inode: int, fh: int, poll_handle, ctx: pyfuse3.RequestContext) -> int:
+        traced = self._trace_files.get(fh)
+        if traced is not None:
+            if poll_handle is not None:
+                traced.poll_handle = poll_handle
+            return (select.POLLIN | select.POLLRDNORM) if traced.subscriber.queue or traced.subscriber.dropped else 0
         port = self._port_files.get(fh)
         if port is None:
             return DEFAULT_POLLMASK  # a file without a poll method, as the kernel's vfio device fds
@@ -327,10 +391,16 @@ class VfioOperations(pyfuse3.Operations):
         return mask
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        if fh >= SIDE_FH_BASE:  # sys/ and ports/ files; VFIO handles are numbered far below
+        if fh >= SIDE_FH_BASE:  # sys/, ports/ and .vfiofs/ files; VFIO handles are numbered far below
             content = self._sysfs_open.get(fh)
             if content is not None:
                 return content[off : off + size] if off >= 0 else b""
+            traced = self._trace_files.get(fh)
+            if traced is not None:
+                data = traced.subscriber.take(size)
+                if not data:
+                    raise pyfuse3.FUSEError(errno.EAGAIN)  # poll for POLLIN
+                return data
             port = self._port_files.get(fh)
             if port is not None:
                 return self._port_read(fh, port, size)
@@ -344,7 +414,7 @@ class VfioOperations(pyfuse3.Operations):
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if fh >= SIDE_FH_BASE:
-            if fh in self._sysfs_open:
+            if fh in self._sysfs_open or fh in self._trace_files:
                 raise pyfuse3.FUSEError(errno.EACCES)  # opened read-only; the kernel says EBADF first
             port = self._port_files.get(fh)
             if port is not None:
@@ -372,6 +442,10 @@ class VfioOperations(pyfuse3.Operations):
         if self.trace:
             log.debug("release fh=%d", fh)
         if self._sysfs_open.pop(fh, None) is not None or self._port_files.pop(fh, None) is not None:
+            return None
+        traced = self._trace_files.pop(fh, None)
+        if traced is not None:
+            self.server.trace.unsubscribe(traced.subscriber)
             return None
         try:
             self.server.release(fh)

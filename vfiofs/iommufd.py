@@ -76,9 +76,11 @@ class Ioas(IommufdObject):
 class IoasDma(DmaPort):
     """A device's DMA through an IOAS: each access is checked against the mappings, page by page."""
 
-    def __init__(self, ioas: Ioas, trace: Callable[[str], None]) -> None:
+    def __init__(self, ioas: Ioas, trace: Callable[[str], None],
+                 done: Callable[[str, int, int], None] = lambda kind, iova, size: None) -> None:
         self.ioas = ioas
-        self.trace = trace
+        self.trace = trace  # faults
+        self.done = done  # transfers that happened
 
     def _pieces(self, iova: int, size: int, write: bool) -> list[tuple[Mapping, int, int]]:
         pieces, cursor, end = [], iova, iova + size
@@ -105,10 +107,13 @@ class IoasDma(DmaPort):
         try:
             if len(pieces) == 1:
                 mapping, addr, n = pieces[0]
-                return mapping.memory.read(addr, n)
-            return b"".join(mapping.memory.read(addr, n) for mapping, addr, n in pieces)
+                data = mapping.memory.read(addr, n)
+            else:
+                data = b"".join(mapping.memory.read(addr, n) for mapping, addr, n in pieces)
         except OSError as exc:
             raise self._fault(iova, size, f"the process's memory is not accessible ({exc.strerror})") from None
+        self.done("read", iova, size)
+        return data
 
     def write(self, iova: int, data: bytes) -> None:
         """All pieces are checked against the mappings first; the process's own page
@@ -120,6 +125,7 @@ class IoasDma(DmaPort):
             except OSError as exc:
                 raise self._fault(iova, len(data), f"the process's memory is not writable ({exc.strerror})") from None
             done += n
+        self.done("write", iova, len(data))
 
 
 @dataclass(eq=False)

@@ -19,13 +19,26 @@ from . import abi, fdpass, protocol
 from .errors import VfioError
 from .procmem import ProcessMemory
 from .protocol import FD_FOREIGN, FD_HANDLE, OP_GET_TOKEN, OP_MAP_REGION, Request
-from .state import FOREIGN_FD, ContainerFile, Device, DeviceFile, Grant, Group, GroupFile, IoctlArg, IommuFile
+from .state import (FOREIGN_FD, ContainerFile, Device, DeviceFile, Grant, Group, GroupFile, HandleState, IoctlArg,
+                    IommuFile)
+from .trace import TraceBus
 from .usermem import UserBuffer
 
 Handle = Union[DeviceFile, IommuFile, ContainerFile, GroupFile]
 
 #: Replies a handle keeps for slots that were never read back (oldest dropped first).
 MAX_PENDING_REPLIES = 1024
+
+
+REGION_NAMES = {0: "BAR0", 1: "BAR1", 2: "BAR2", 3: "BAR3", 4: "BAR4", 5: "BAR5", 6: "ROM", 7: "CONFIG", 8: "VGA"}
+OP_NAMES = {protocol.OP_GET_TOKEN: "GET_TOKEN", protocol.OP_MAP_REGION: "MAP_REGION",
+            protocol.OP_FD_CHANNEL: "FD_CHANNEL", protocol.OP_CLAIM: "CLAIM"}
+IOCTL_NAMES: dict[int, str] = {}
+for _name in dir(abi):
+    if _name.startswith(("VFIO_", "IOMMU_")) and _name.isupper() and isinstance(getattr(abi, _name), int):
+        _value = getattr(abi, _name)
+        if 0x3B00 <= _value <= 0x3BFF:  # ioctl numbers (some are shared: both names are shown)
+            IOCTL_NAMES[_value] = f"{IOCTL_NAMES[_value]}/{_name}" if _value in IOCTL_NAMES else _name
 
 
 class _FailedWithWriteback(Exception):
@@ -36,11 +49,12 @@ class _FailedWithWriteback(Exception):
 class OpenFile:
     """A handle plus what the transport keeps for it."""
 
-    __slots__ = ("handle", "token", "replies", "uid")
+    __slots__ = ("handle", "token", "replies", "uid", "pid")
 
-    def __init__(self, handle: Handle, uid: int) -> None:
+    def __init__(self, handle: Handle, uid: int, pid: int = 0) -> None:
         self.handle = handle
         self.uid = uid  # who opened it: only that uid's listener may receive region memory
+        self.pid = pid  # the process that opened it (for `vfiofs ls`)
         self.token = secrets.token_bytes(protocol.TOKEN_SIZE)
         self.replies: OrderedDict[int, bytes] = OrderedDict()
 
@@ -54,27 +68,30 @@ class Server:
         self._files: dict[int, OpenFile] = {}
         self._by_token: dict[bytes, OpenFile] = {}
         self._grants: OrderedDict[int, tuple[Grant, int]] = OrderedDict()  # ticket → (grant, uid)
+        self.trace = TraceBus()
+        for device in self.devices:
+            device.driver.trace = self.trace
         self._next_fh = itertools.count(1)
 
     # -- lifecycle --------------------------------------------------------------------------
-    def _register(self, handle: Handle, uid: int) -> int:
-        entry = OpenFile(handle, uid)
+    def _register(self, handle: Handle, uid: int, pid: int = 0) -> int:
+        entry = OpenFile(handle, uid, pid)
         fh = next(self._next_fh)
         self._files[fh] = entry
         self._by_token[entry.token] = entry
         return fh
 
-    def open_device(self, index: int, uid: int = 0) -> int:
-        return self._register(DeviceFile(self.devices[index]), uid)
+    def open_device(self, index: int, uid: int = 0, pid: int = 0) -> int:
+        return self._register(DeviceFile(self.devices[index]), uid, pid)
 
-    def open_iommu(self, uid: int = 0) -> int:
-        return self._register(IommuFile(), uid)
+    def open_iommu(self, uid: int = 0, pid: int = 0) -> int:
+        return self._register(IommuFile(), uid, pid)
 
-    def open_container(self, uid: int = 0) -> int:
-        return self._register(ContainerFile(), uid)
+    def open_container(self, uid: int = 0, pid: int = 0) -> int:
+        return self._register(ContainerFile(), uid, pid)
 
-    def open_group(self, number: int, uid: int = 0) -> int:
-        return self._register(GroupFile(self.groups[number]), uid)
+    def open_group(self, number: int, uid: int = 0, pid: int = 0) -> int:
+        return self._register(GroupFile(self.groups[number]), uid, pid)
 
     @property
     def groups(self) -> dict[int, Group]:
@@ -101,22 +118,100 @@ class Server:
         entry = self._entry(fh)
         if protocol.is_control_offset(offset):
             return self._take_reply(entry, offset, size)
-        return entry.handle.read(offset, size)
+        if not self.trace.subscribers:
+            return entry.handle.read(offset, size)
+        try:
+            data = entry.handle.read(offset, size)
+        except VfioError as exc:
+            self._trace_access(entry, fh, "read", offset, size, b"", exc)
+            raise
+        self._trace_access(entry, fh, "read", offset, len(data), data, None)
+        return data
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         entry = self._entry(fh)
         if protocol.is_control_offset(offset):
-            return self._control(entry, offset, data)
-        return entry.handle.write(offset, data)
+            return self._control(entry, offset, data, fh)
+        if not self.trace.subscribers:
+            return entry.handle.write(offset, data)
+        try:
+            written = entry.handle.write(offset, data)
+        except VfioError as exc:
+            self._trace_access(entry, fh, "write", offset, len(data), data, exc)
+            raise
+        self._trace_access(entry, fh, "write", offset, written, data[:written], None)
+        return written
+
+    # -- what `vfiofs trace` and `vfiofs ls` see ----------------------------------------------------
+    @staticmethod
+    def _target(entry: OpenFile) -> str:
+        handle = entry.handle
+        if isinstance(handle, DeviceFile):
+            return f"vfio{handle.device.index}"
+        if isinstance(handle, GroupFile):
+            return f"group{handle.group.number}"
+        return "container" if isinstance(handle, ContainerFile) else "iommu"
+
+    def _trace_access(self, entry: OpenFile, fh: int, op: str, offset: int, size: int, data: bytes,
+                      error: VfioError | None) -> None:
+        index = offset >> abi.VFIO_PCI_OFFSET_SHIFT
+        event: dict = {"device": self._target(entry), "handle": fh, "op": op,
+                       "region": REGION_NAMES.get(index, str(index)), "offset": offset & abi.VFIO_PCI_OFFSET_MASK,
+                       "size": size}
+        if data and len(data) <= 8 and error is None:
+            event["value"] = hex(int.from_bytes(data, "little"))
+        if error is not None:
+            event["errno"] = errno.errorcode.get(error.errno, str(error.errno))
+        self.trace.emit(**event)
+
+    def status(self) -> dict:
+        """A snapshot of every device: who has it, how, and where its DMA goes."""
+        devices = []
+        for device in self.devices:
+            holders = [(fh, e) for fh, e in self._files.items()
+                       if isinstance(e.handle, DeviceFile) and e.handle.device is device
+                       and e.handle.state is HandleState.BOUND]
+            ioas = None
+            bound = device.bound_file
+            if bound is not None and bound.devobj is not None and bound.devobj.hwpt is not None:
+                ioas = bound.devobj.hwpt.ioas.id if bound.devobj.hwpt.ioas is not None else None
+            ident = device.driver.spec.identity
+            devices.append({
+                "index": device.index, "name": device.name, "node": f"vfio/devices/vfio{device.index}",
+                "bdf": device.bdf, "vendor": f"{ident.vendor:04x}", "device": f"{ident.device:04x}",
+                "group": device.group.number,
+                "bound_by": [{"pid": e.pid, "handle": fh, "via": "group" if e.handle.group_file else "cdev"}
+                             for fh, e in holders],
+                "ioas": ioas if bound is not None else ("container" if holders else None),
+                "interrupts": device.driver.irqs.irq_type,
+            })
+        return {"devices": devices, "open_handles": len(self._files)}
 
     def fsync(self, fh: int) -> None:
         self._entry(fh).handle.fsync()
 
     # -- control mailbox -------------------------------------------------------------------------
-    def _control(self, entry: OpenFile, offset: int, message: bytes) -> int:
+    def _control(self, entry: OpenFile, offset: int, message: bytes, fh: int = 0) -> int:
         tag = protocol.slot_tag(offset)
         entry.replies.pop(tag, None)  # a new request always discards the slot's old reply
         request = protocol.decode_request(message)
+        if self.trace.subscribers:
+            try:
+                written = self._control_request(entry, tag, request, message)
+            except VfioError as exc:
+                self._trace_command(entry, fh, request, exc)
+                raise
+            self._trace_command(entry, fh, request, None)
+            return written
+        return self._control_request(entry, tag, request, message)
+
+    def _trace_command(self, entry: OpenFile, fh: int, request: Request, error: VfioError | None) -> None:
+        name = IOCTL_NAMES.get(request.request, hex(request.request)) if request.op == protocol.OP_IOCTL \
+            else OP_NAMES.get(request.op, str(request.op))
+        self.trace.emit(device=self._target(entry), handle=fh, op="ioctl", command=name,
+                        errno=errno.errorcode.get(error.errno, str(error.errno)) if error else 0)
+
+    def _control_request(self, entry: OpenFile, tag: int, request: Request, message: bytes) -> int:
         try:
             result, payload = self._execute(entry, request)
         except _FailedWithWriteback as failed:

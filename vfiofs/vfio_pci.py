@@ -111,7 +111,8 @@ class VfioPciDevice:
         self._bars = {bar.index: (bar.size, PCI_COMMAND_IO if bar.io else PCI_COMMAND_MEMORY)
                       for bar in self.spec.bars}
         self.dma_trace: deque[str] = deque(maxlen=256)  # DMA faults, newest last
-        self.irqs = IrqController(self.spec, lambda: self.config, model.memory, _signal_eventfd, _release)
+        self.trace = None  # the mount's TraceBus, set by the server
+        self.irqs = IrqController(self.spec, lambda: self.config, model.memory, self._signal, _release)
         model.interrupts = self.irqs
         msix = self.spec.capability("msix")
         # BAR index → (table range, PBA range) of the MSI-X structures it holds
@@ -154,11 +155,22 @@ class VfioPciDevice:
         """The device's DMA now goes through ``ioas`` (None: detached, every DMA faults)."""
         from .iommufd import IoasDma  # iommufd imports the model layer; keep the cycle out of import time
 
-        self.model.dma = DmaPort() if ioas is None else IoasDma(ioas, self._trace_dma)
+        self.model.dma = DmaPort() if ioas is None else IoasDma(ioas, self._trace_dma, self._trace_dma_ok)
 
     def _trace_dma(self, event: str) -> None:
         self.dma_trace.append(event)
         log.warning("%s: %s", self.spec.name, event)
+        if self.trace is not None:
+            self.trace.emit(device=self.spec.name, op="dma", fault=event)
+
+    def _trace_dma_ok(self, kind: str, iova: int, size: int) -> None:
+        if self.trace is not None and self.trace.subscribers:
+            self.trace.emit(device=self.spec.name, op="dma", direction=kind, iova=hex(iova), size=size)
+
+    def _signal(self, trigger: Trigger) -> None:
+        if self.trace is not None and self.trace.subscribers:
+            self.trace.emit(device=self.spec.name, op="irq", type=self.irqs.irq_type, eventfd=trigger.fd)
+        _signal_eventfd(trigger)
 
     # -- ioctls -------------------------------------------------------------------------------------
     @property
