@@ -221,3 +221,14 @@ def test_legacy_sequence_drives_the_edu_device(mount):
     dev.close()
     group.close()
     container.close()
+
+
+def test_iommu_get_info_with_only_the_minimum_buffer(legacy):
+    """argsz 16 in a 16-byte buffer: argsz is raised to what the capabilities need, nothing
+    beyond the caller's 16 bytes is written, and the call succeeds."""
+    with VfioContainer(legacy.node("vfio/vfio")) as container, ready_group(legacy, 7, container):
+        container.set_iommu()
+        buf = bytearray(struct.pack("<II", 16, 0) + bytes(8))
+        assert ioctl(container.fd, vc.VFIO_IOMMU_GET_INFO, buf) == 0
+        argsz, flags, pgsizes = struct.unpack("<IIQ", buf)
+        assert argsz > 24 and flags & vc.VFIO_IOMMU_INFO_CAPS and pgsizes & PAGE

@@ -20,7 +20,7 @@ from .errors import VfioError
 from .iommufd import IOVA_LAST, PAGE_SIZE, U64_MAX, Ioas, Mapping
 from .procmem import ProcessMemory
 from .usermem import UserBuffer
-from .vfio_pci import chain_caps, offsetofend
+from .vfio_pci import offsetofend, place_caps
 
 TYPE1_TYPES = (abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU)
 EXTENSIONS = {abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU, abi.VFIO_UNMAP_ALL, abi.VFIO_DMA_CC_IOMMU}
@@ -79,14 +79,9 @@ class Container:
             (abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1, struct.pack("<I", DMA_ENTRY_LIMIT - len(self.ioas.mappings))),
         ]
         size = ctypes.sizeof(abi.vfio_iommu_type1_info)
-        chain = chain_caps(caps, size)
-        info.cap_offset = 0
-        if info.argsz < size + len(chain):
-            info.argsz = size + len(chain)
-        else:
-            arg.copy_to(size, chain)
-            info.cap_offset = size
-        arg.write_struct(info, min(info.argsz, size) if info.argsz >= minsz else minsz)
+        room = min(info.argsz, size)  # what the caller's buffer holds, before argsz may be raised
+        place_caps(arg, info, caps, size)
+        arg.write_struct(info, room)
         return 0
 
     def _map_dma(self, arg: UserBuffer, process: Callable[[], ProcessMemory] | None) -> int:

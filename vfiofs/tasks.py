@@ -43,18 +43,11 @@ class TrioScheduler:
         self.nursery = nursery
 
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
-        timer = Timer()
+        async def later() -> None:
+            await trio.sleep(delay)
+            _guarded(getattr(fn, "__name__", "timer"), fn, *args)
 
-        async def run() -> None:
-            with trio.CancelScope() as scope:
-                timer._scope = scope
-                if timer.cancelled:
-                    return
-                await trio.sleep(delay)
-                _guarded(getattr(fn, "__name__", "timer"), fn, *args)
-
-        self.nursery.start_soon(run)
-        return timer
+        return self.spawn(later)
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Timer:
         """Run ``await fn(*args)`` until it returns or the handle is cancelled."""

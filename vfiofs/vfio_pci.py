@@ -100,6 +100,19 @@ def chain_caps(caps: list[tuple[int, int, bytes]], base: int) -> bytes:
     return bytes(out)
 
 
+def place_caps(arg: UserBuffer, info: ctypes.Structure, caps: list[tuple[int, int, bytes]], base: int) -> None:
+    """The kernel's info-capability rule: the chain goes after the struct (at ``base``) when
+    ``argsz`` leaves room for it; otherwise ``argsz`` is raised to what is needed and
+    ``cap_offset`` stays 0, and the call still succeeds."""
+    chain = chain_caps(caps, base)
+    if info.argsz < base + len(chain):
+        info.argsz = base + len(chain)
+        info.cap_offset = 0
+    else:
+        arg.copy_to(base, chain)
+        info.cap_offset = base
+
+
 class VfioPciDevice:
     """One emulated PCI function as vfio-pci presents it."""
 
@@ -243,14 +256,8 @@ class VfioPciDevice:
         info.offset = abi.VFIO_PCI_INDEX_TO_OFFSET(info.index)
         caps = self.region_caps(info.index)
         if caps:
-            chain = chain_caps(caps, minsz)
             info.flags |= abi.VFIO_REGION_INFO_FLAG_CAPS
-            if info.argsz < minsz + len(chain):
-                info.argsz = minsz + len(chain)  # tell the caller how much room the chain needs
-                info.cap_offset = 0
-            else:
-                arg.copy_to(minsz, chain)
-                info.cap_offset = minsz
+            place_caps(arg, info, caps, minsz)
         arg.write_struct(info, minsz)
         return 0
 
