@@ -47,7 +47,7 @@ SRC = _source_tree()
 os.environ["VFIOFS_BENCH_SRC"] = str(SRC)
 sys.path.insert(0, str(SRC))
 
-from vfiofs import protocol  # noqa: E402
+from vfiofs.abi import protocol  # noqa: E402
 from vfiofs.client import (  # noqa: E402
     VFIO_DEVICE_BIND_IOMMUFD,
     VFIO_DEVICE_GET_REGION_INFO,

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from .definitions import DefinitionError, bundled_directory, load_directory
+from vfiofs.models.definitions import DefinitionError, bundled_directory, load_directory
 
 FUSE_DEVICE = Path("/dev/fuse")
 COMMANDS = ("mount", "umount", "validate", "ls", "trace")
@@ -236,7 +236,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _run_foreground(args, mountpoint: Path, definitions, options: list[str], gid: int, mode: int) -> int:
-    from .daemon import MountError, serve  # pyfuse3 is only needed to actually mount
+    from vfiofs.host.daemon import MountError, serve  # pyfuse3 is only needed to actually mount
 
     ready_fd = args.ready_fd
 

@@ -14,7 +14,7 @@ import time
 import trio
 
 from vfiofs import abi
-from vfiofs.model import DeviceModel
+from vfiofs.models.api import DeviceModel
 
 
 class IrqBenchDevice(DeviceModel):

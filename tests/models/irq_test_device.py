@@ -10,7 +10,7 @@ DMA: 0x20 IOVA, 0x28 size, 0x30 command (1: read IOVA into BAR2, 2: write BAR2 t
 """
 
 from vfiofs import abi
-from vfiofs.model import DeviceModel, DmaFault
+from vfiofs.models.api import DeviceModel, DmaFault
 
 
 class IrqTestDevice(DeviceModel):

@@ -38,7 +38,7 @@ DMA: the device has a 4 KiB buffer at the device-side address 0x40000 (it is *no
 visible through BAR0). Writing the command with 0x01 schedules the transfer
 :attr:`EduDevice.dma_delay` seconds later (QEMU: 100 ms of virtual time). On completion
 ``count`` bytes go from ``src & dma_mask`` in the driver's memory (through the IOMMU,
-:meth:`~vfiofs.model.DeviceModel.dma_read`) to ``buffer[dst - 0x40000]`` (direction 0),
+:meth:`~vfiofs.models.api.DeviceModel.dma_read`) to ``buffer[dst - 0x40000]`` (direction 0),
 or from ``buffer[src - 0x40000]`` to ``dst & dma_mask`` (direction 1). Then the start
 bit clears and, if the command asked for it, interrupt 0x100 is raised.
 
@@ -51,7 +51,7 @@ Where vfiofs differs from QEMU, on purpose:
   cleared, interrupt 0x100 raised if requested), so a driver polling the start bit or
   waiting for the interrupt never hangs.
 * **A DMA fault** (unmapped IOVA, read-only mapping, device not attached — the
-  :class:`~vfiofs.model.DmaFault` the IOMMU raises) is recorded the same way in
+  :class:`~vfiofs.models.api.DmaFault` the IOMMU raises) is recorded the same way in
   :attr:`EduDevice.dma_errors` and the command completes as well. A real edu in QEMU has
   no IOMMU faults to report; completing is what a driver can cope with.
 * **Reset.** QEMU's edu registers no reset handler, so liveness, factorial, status, the
@@ -73,9 +73,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .. import abi
-from ..model import DeviceModel, DmaFault
-from ..spec import DeviceSpec
+from vfiofs import abi
+from vfiofs.models.api import DeviceModel, DmaFault
+from vfiofs.models.spec import DeviceSpec
 
 log = logging.getLogger(__name__)
 

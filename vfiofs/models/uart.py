@@ -63,9 +63,9 @@ import logging
 from pathlib import Path
 from typing import Callable
 
-from .. import abi
-from ..model import DeviceModel
-from ..spec import DeviceSpec
+from vfiofs import abi
+from vfiofs.models.api import DeviceModel
+from vfiofs.models.spec import DeviceSpec
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,414 @@
+"""Unit tests of the handle state machine and iommufd objects, driven through the sans-I/O server.
+
+No FUSE here: requests are encoded with the real codec and fed to Server.write/read,
+exactly as the adapter does, so every rule is checked in microseconds.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+
+import pytest
+
+from vfiofs import abi
+from vfiofs.abi import protocol
+from vfiofs.errors import VfioError
+from vfiofs.iommu.iommufd import Ioas
+from vfiofs.models.api import DeviceModel
+from vfiofs.models.spec import BarSpec, DeviceSpec, PciIdentity
+from vfiofs.abi.protocol import ARG_BUFFER, ARG_NULL, ARG_VALUE, FD_FOREIGN, FD_HANDLE, FdRef, Request
+from vfiofs.core.mailbox import Server
+from vfiofs.core.handles import Device, DeviceFile, HandleState
+from vfiofs.pci.vfio_pci import VfioPciDevice
+
+ID = PciIdentity(vendor=0x1234, device=0x5241)
+SLOT = protocol.control_offset(7)
+
+
+RAM_SPEC = DeviceSpec(name="spy", model="generic", identity=ID, bars=(BarSpec(index=0, size=4096, mmap=True),))
+
+
+class SpyModel(DeviceModel):
+    """A RAM device that records its hooks and can be told to fail them."""
+
+    def __init__(self) -> None:
+        super().__init__(RAM_SPEC)
+        self.calls: list[str] = []
+        self.fail_open: BaseException | None = None
+        self.fail_close: BaseException | None = None
+
+    def open(self) -> None:
+        self.calls.append("open")
+        if self.fail_open:
+            raise self.fail_open
+
+    def close(self) -> None:
+        self.calls.append("close")
+        if self.fail_close:
+            raise self.fail_close
+
+    def reset(self) -> None:
+        self.calls.append("reset")
+        super().reset()
+
+
+class World:
+    """A server with two spy devices and helpers that speak the wire protocol."""
+
+    def __init__(self) -> None:
+        self.models = [SpyModel(), SpyModel()]
+        self.server = Server([Device(i, f"dev{i}", VfioPciDevice(m)) for i, m in enumerate(self.models)])
+
+    def token(self, fh: int) -> bytes:
+        return self.server._files[fh].token
+
+    def call(self, fh: int, request: int, arg=None, fds=None) -> tuple[int, bytes]:
+        if arg is None:
+            req = Request(protocol.OP_IOCTL, request, ARG_NULL)
+        elif isinstance(arg, int):
+            req = Request(protocol.OP_IOCTL, request, ARG_VALUE, arg_value=arg)
+        else:
+            req = Request(protocol.OP_IOCTL, request, ARG_BUFFER, payload=bytes(arg), fds=fds or {})
+        message = protocol.encode_request(req)
+        assert self.server.write(fh, SLOT, message) == len(message)
+        reply = protocol.decode_reply(self.server.read(fh, SLOT, 1 << 16))
+        if isinstance(arg, ctypes.Structure):  # copy back, as the client library does
+            ctypes.memmove(ctypes.addressof(arg), reply.payload, len(reply.payload))
+        return reply.result, reply.payload
+
+    def fails(self, fh: int, request: int, arg=None, fds=None) -> int:
+        with pytest.raises(VfioError) as exc:
+            self.call(fh, request, arg, fds)
+        return exc.value.errno
+
+    def bind_struct(self, iommufd: int = 3, argsz: int = 24, **kw) -> abi.vfio_device_bind_iommufd:
+        return abi.vfio_device_bind_iommufd(argsz=argsz, iommufd=iommufd, **kw)
+
+    def bind(self, fh: int, iommu_fh: int) -> int:
+        bind = self.bind_struct()
+        assert self.call(fh, abi.VFIO_DEVICE_BIND_IOMMUFD, bind, {3: FdRef(FD_HANDLE, self.token(iommu_fh))})[0] == 0
+        return bind.out_devid
+
+    def ioas_alloc(self, iommu_fh: int) -> int:
+        cmd = abi.iommu_ioas_alloc(size=12)
+        self.call(iommu_fh, abi.IOMMU_IOAS_ALLOC, cmd)
+        return cmd.out_ioas_id
+
+
+@pytest.fixture
+def w() -> World:
+    return World()
+
+
+def state(w: World, fh: int) -> HandleState:
+    handle = w.server.handle(fh)
+    assert isinstance(handle, DeviceFile)
+    return handle.state
+
+
+def test_every_open_is_an_independent_blocked_handle(w):
+    fhs = [w.server.open_device(0) for _ in range(50)]
+    assert len(set(fhs)) == 50
+    assert all(state(w, fh) is HandleState.BLOCKED for fh in fhs)
+    assert len({w.token(fh) for fh in fhs}) == 50  # tokens are per handle
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [abi.VFIO_DEVICE_GET_INFO, abi.VFIO_DEVICE_GET_REGION_INFO, abi.VFIO_DEVICE_RESET, abi.VFIO_DEVICE_FEATURE,
+     abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, abi.VFIO_DEVICE_DETACH_IOMMUFD_PT, abi.VFIO_GET_API_VERSION,
+     abi.VFIO_DEVICE_SET_IRQS, 0x3BFF, 0xDEADBEEF],
+)
+def test_blocked_handle_refuses_everything_but_bind(w, request_):
+    fh = w.server.open_device(0)
+    assert w.fails(fh, request_, bytearray(64)) == errno.EINVAL
+    assert w.fails(fh, request_) == errno.EINVAL
+
+
+def test_blocked_region_access_is_einval(w):
+    fh = w.server.open_device(0)
+    for offset in (0, 7 << 40, 100 << 40):
+        with pytest.raises(VfioError) as exc:
+            w.server.read(fh, offset, 4)
+        assert exc.value.errno == errno.EINVAL
+        with pytest.raises(VfioError) as exc:
+            w.server.write(fh, offset, b"abcd")
+        assert exc.value.errno == errno.EINVAL
+    assert w.models[0].bar_read(0, 0, 4) == bytes(4)
+
+
+def test_bind_check_order(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    good = {3: FdRef(FD_HANDLE, w.token(iommu))}
+    bind = abi.VFIO_DEVICE_BIND_IOMMUFD
+    assert w.fails(dev, bind, None) == errno.EFAULT  # get_user(argsz) on NULL
+    assert w.fails(dev, bind, bytes(2)) == errno.EFAULT
+    assert w.fails(dev, bind, w.bind_struct(argsz=15), good) == errno.EINVAL
+    # argsz beyond the buffer: copy_struct_from_user faults
+    assert w.fails(dev, bind, w.bind_struct(argsz=40), good) == errno.EFAULT
+    # a larger struct with a non-zero tail is E2BIG; with a zero tail it is accepted later
+    assert w.fails(dev, bind, bytes(w.bind_struct(argsz=32)) + b"\0" * 7 + b"\1", good) == errno.E2BIG
+    assert w.fails(dev, bind, w.bind_struct(flags=2), good) == errno.EINVAL
+    assert w.fails(dev, bind, w.bind_struct(iommufd=-1), good) == errno.EINVAL
+    assert w.fails(dev, bind, w.bind_struct(flags=abi.VFIO_DEVICE_BIND_FLAG_TOKEN), good) == errno.EINVAL
+    assert w.fails(dev, bind, w.bind_struct(iommufd=4), good) == errno.EBADF  # not in the fd table
+    assert w.fails(dev, bind, w.bind_struct(), {3: FdRef(FD_FOREIGN)}) == errno.EBADFD
+    assert w.fails(dev, bind, w.bind_struct(), {3: FdRef(FD_HANDLE, bytes(16))}) == errno.EBADFD
+    other_dev = w.server.open_device(1)
+    assert w.fails(dev, bind, w.bind_struct(), {3: FdRef(FD_HANDLE, w.token(other_dev))}) == errno.EBADFD
+    # none of that had a side effect
+    assert state(w, dev) is HandleState.BLOCKED
+    assert w.models[0].calls == []
+    assert w.server.handle(iommu).ctx.objects == {}
+    # an argsz-32 struct with a zero tail binds
+    result, payload = w.call(dev, bind, bytes(w.bind_struct(argsz=32)) + bytes(8), good)
+    assert result == 0 and int.from_bytes(payload[12:16], "little") == 1
+    assert state(w, dev) is HandleState.BOUND
+
+
+def test_bind_success_writes_only_out_devid(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    bind = w.bind_struct(token_uuid_ptr=0x1122334455667788)
+    raw_before = bytes(bind)
+    w.call(dev, abi.VFIO_DEVICE_BIND_IOMMUFD, bind, {3: FdRef(FD_HANDLE, w.token(iommu))})
+    after = bytes(bind)
+    assert bind.out_devid >= 1
+    assert after[:12] == raw_before[:12] and after[16:] == raw_before[16:]
+    assert w.models[0].calls == ["open"]
+
+
+def test_already_bound_is_checked_before_the_iommufd(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    w.bind(dev, iommu)
+    # kernel step 7 (already bound) comes before step 9 (fd lookup): EINVAL, not EBADF
+    assert w.fails(dev, abi.VFIO_DEVICE_BIND_IOMMUFD, w.bind_struct(iommufd=9)) == errno.EINVAL
+    assert state(w, dev) is HandleState.BOUND
+
+
+def test_second_handle_cannot_bind_while_first_is_bound(w):
+    a, b, iommu = w.server.open_device(0), w.server.open_device(0), w.server.open_iommu()
+    w.bind(a, iommu)
+    assert w.fails(b, abi.VFIO_DEVICE_BIND_IOMMUFD, w.bind_struct(),
+                   {3: FdRef(FD_HANDLE, w.token(iommu))}) == errno.EINVAL
+    assert state(w, b) is HandleState.BLOCKED
+    w.server.release(a)
+    assert w.bind(b, iommu) >= 1
+
+
+@pytest.mark.parametrize("failure, expected", [(VfioError(errno.EIO), errno.EIO),
+                                               (VfioError(errno.ENODEV), errno.ENODEV),
+                                               (RuntimeError("model bug"), errno.EIO)])
+def test_failed_model_open_grants_nothing(w, failure, expected):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    w.models[0].fail_open = failure
+    assert w.fails(dev, abi.VFIO_DEVICE_BIND_IOMMUFD, w.bind_struct(),
+                   {3: FdRef(FD_HANDLE, w.token(iommu))}) == expected
+    assert state(w, dev) is HandleState.BLOCKED
+    assert w.server.devices[0].bound_file is None
+    assert w.server.handle(iommu).ctx.objects == {}  # the devid was released
+    with pytest.raises(VfioError) as exc:
+        w.server.read(dev, 0, 4)
+    assert exc.value.errno == errno.EINVAL
+    w.models[0].fail_open = None
+    assert w.bind(dev, iommu) == 1
+
+
+def test_close_of_bound_handle_closes_resets_and_frees(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    devid = w.bind(dev, iommu)
+    w.server.write(dev, 0, b"data")
+    ctx = w.server.handle(iommu).ctx
+    assert devid in ctx.objects
+    w.server.release(dev)
+    assert w.models[0].calls == ["open", "close", "reset"]
+    assert w.models[0].bar_read(0, 0, 4) == bytes(4)
+    assert devid not in ctx.objects
+    assert w.server.devices[0].bound_file is None
+
+
+def test_close_always_succeeds_even_if_the_model_fails(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    w.bind(dev, iommu)
+    w.models[0].fail_close = RuntimeError("close bug")
+    w.server.release(dev)
+    assert w.server.devices[0].bound_file is None
+    w.server.release(dev)  # a second release of the same fh is harmless
+
+
+def test_closing_the_iommu_handle_does_not_unbind(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    w.bind(dev, iommu)
+    ctx = w.server.handle(iommu).ctx
+    w.server.release(iommu)
+    assert state(w, dev) is HandleState.BOUND
+    info = abi.vfio_device_info(argsz=24)
+    assert w.call(dev, abi.VFIO_DEVICE_GET_INFO, info)[0] == 0
+    ioas = ctx._add(Ioas()).id  # the context lives on: its objects still work
+    attach = abi.vfio_device_attach_iommufd_pt(argsz=16, pt_id=ioas)
+    assert w.call(dev, abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach)[0] == 0
+
+
+def test_attach_detach_and_destroy_rules(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    devid = w.bind(dev, iommu)
+    ioas = w.ioas_alloc(iommu)
+    attach = lambda pt, **kw: abi.vfio_device_attach_iommufd_pt(argsz=kw.pop("argsz", 16), pt_id=pt, **kw)
+    att = abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT
+    assert w.fails(dev, att, attach(ioas, argsz=11)) == errno.EINVAL
+    assert w.fails(dev, att, attach(ioas, flags=2)) == errno.EINVAL
+    assert w.fails(dev, att, attach(ioas, flags=abi.VFIO_DEVICE_ATTACH_PASID)) == errno.EOPNOTSUPP
+    assert w.fails(dev, att, attach(999)) == errno.ENOENT
+    assert w.fails(dev, att, attach(devid)) == errno.EINVAL
+    a = attach(ioas)
+    w.call(dev, att, a)
+    hwpt = a.pt_id
+    assert hwpt not in (ioas, devid)
+    destroy = lambda i: abi.iommu_destroy(size=8, id=i)
+    assert w.fails(iommu, abi.IOMMU_DESTROY, destroy(ioas)) == errno.EBUSY
+    assert w.fails(iommu, abi.IOMMU_DESTROY, destroy(hwpt)) == errno.EBUSY
+    assert w.fails(iommu, abi.IOMMU_DESTROY, destroy(devid)) == errno.EBUSY
+    # attaching again is a replace, to the same HWPT
+    again = attach(ioas)
+    w.call(dev, att, again)
+    assert again.pt_id == hwpt
+    # replace onto another IOAS: the old auto HWPT goes away
+    ioas2 = w.ioas_alloc(iommu)
+    moved = attach(ioas2)
+    w.call(dev, att, moved)
+    assert moved.pt_id != hwpt and hwpt not in w.server.handle(iommu).ctx.objects
+    w.call(iommu, abi.IOMMU_DESTROY, destroy(ioas))
+    det = abi.VFIO_DEVICE_DETACH_IOMMUFD_PT
+    assert w.fails(dev, det, abi.vfio_device_detach_iommufd_pt(argsz=7)) == errno.EINVAL
+    assert w.fails(dev, det, abi.vfio_device_detach_iommufd_pt(argsz=12, flags=4)) == errno.EINVAL
+    assert w.call(dev, det, abi.vfio_device_detach_iommufd_pt(argsz=12))[0] == 0
+    assert w.call(dev, det, abi.vfio_device_detach_iommufd_pt(argsz=12))[0] == 0  # not attached: no-op
+    w.call(iommu, abi.IOMMU_DESTROY, destroy(ioas2))
+    assert w.fails(iommu, abi.IOMMU_DESTROY, destroy(ioas2)) == errno.ENOENT
+
+
+def test_close_detaches_and_frees_the_ioas(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    w.bind(dev, iommu)
+    ioas = w.ioas_alloc(iommu)
+    w.call(dev, abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, abi.vfio_device_attach_iommufd_pt(argsz=16, pt_id=ioas))
+    w.server.release(dev)
+    assert w.call(iommu, abi.IOMMU_DESTROY, abi.iommu_destroy(size=8, id=ioas))[0] == 0
+
+
+def test_iommufd_size_rules(w):
+    iommu = w.server.open_iommu()
+    alloc = abi.IOMMU_IOAS_ALLOC
+    assert w.fails(iommu, alloc, abi.iommu_ioas_alloc(size=11)) == errno.EINVAL
+    assert w.fails(iommu, alloc, bytes(abi.iommu_ioas_alloc(size=16)) + b"\0\0\0\1") == errno.E2BIG
+    assert w.fails(iommu, alloc, abi.iommu_ioas_alloc(size=12, flags=1)) == errno.EOPNOTSUPP
+    assert w.fails(iommu, alloc, None) == errno.EFAULT
+    result, payload = w.call(iommu, alloc, bytes(abi.iommu_ioas_alloc(size=16)) + bytes(4))
+    assert result == 0 and int.from_bytes(payload[8:12], "little") == 1
+    assert w.fails(iommu, abi.IOMMU_DESTROY, abi.iommu_destroy(size=8, id=0)) == errno.ENOENT
+    assert w.fails(iommu, abi.IOMMU_DESTROY, None) == errno.EFAULT
+    assert w.fails(iommu, (ord(";") << 8) | 0x7F, bytearray(16)) == errno.ENOTTY
+    # same nr, different encoding (an _IOW-style number) is not the command
+    assert w.fails(iommu, abi.IOMMU_IOAS_ALLOC | (12 << 16), abi.iommu_ioas_alloc(size=12)) == errno.ENOTTY
+    assert w.call(iommu, abi.VFIO_GET_API_VERSION)[0] == abi.VFIO_API_VERSION
+    with pytest.raises(VfioError) as exc:
+        w.server.read(iommu, 0, 8)
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_ids_are_lowest_free_from_one(w):
+    iommu = w.server.open_iommu()
+    ids = [w.ioas_alloc(iommu) for _ in range(3)]
+    assert ids == [1, 2, 3]
+    w.call(iommu, abi.IOMMU_DESTROY, abi.iommu_destroy(size=8, id=2))
+    assert w.ioas_alloc(iommu) == 2
+
+
+def test_mailbox_slots_are_independent_and_consumed(w):
+    iommu = w.server.open_iommu()
+    slots = [protocol.control_offset(t) for t in (1, 2)]
+    for slot in slots:
+        w.server.write(iommu, slot, protocol.encode_request(Request(protocol.OP_GET_TOKEN)))
+    for slot in slots:
+        assert protocol.decode_reply(w.server.read(iommu, slot, 64)).payload == w.token(iommu)
+    with pytest.raises(VfioError) as exc:
+        w.server.read(iommu, slots[0], 64)
+    assert exc.value.errno == errno.ENOMSG
+
+
+def test_reply_too_large_for_the_read_stays(w):
+    iommu = w.server.open_iommu()
+    w.server.write(iommu, SLOT, protocol.encode_request(Request(protocol.OP_GET_TOKEN)))
+    with pytest.raises(VfioError) as exc:
+        w.server.read(iommu, SLOT, 10)
+    assert exc.value.errno == errno.EMSGSIZE
+    assert len(w.server.read(iommu, SLOT, 100)) == protocol.REPLY_HEADER_SIZE + 16
+
+
+def test_failed_command_discards_the_old_reply(w):
+    dev = w.server.open_device(0)
+    w.server.write(dev, SLOT, protocol.encode_request(Request(protocol.OP_GET_TOKEN)))
+    with pytest.raises(VfioError):
+        w.call(dev, abi.VFIO_DEVICE_GET_INFO, abi.vfio_device_info(argsz=24))
+    with pytest.raises(VfioError) as exc:
+        w.server.read(dev, SLOT, 100)
+    assert exc.value.errno == errno.ENOMSG
+
+
+def test_pending_replies_are_bounded(w):
+    from vfiofs.core.mailbox import MAX_PENDING_REPLIES
+
+    iommu = w.server.open_iommu()
+    token_request = protocol.encode_request(Request(protocol.OP_GET_TOKEN))
+    for tag in range(MAX_PENDING_REPLIES + 10):
+        w.server.write(iommu, protocol.control_offset(tag), token_request)
+    assert len(w.server._files[iommu].replies) == MAX_PENDING_REPLIES
+    with pytest.raises(VfioError):
+        w.server.read(iommu, protocol.control_offset(0), 100)  # the oldest was dropped
+    assert w.server.read(iommu, protocol.control_offset(MAX_PENDING_REPLIES + 9), 100)
+
+
+def test_released_handle_is_gone(w):
+    dev = w.server.open_device(0)
+    token = w.token(dev)
+    w.server.release(dev)
+    with pytest.raises(VfioError) as exc:
+        w.server.read(dev, 0, 4)
+    assert exc.value.errno == errno.EBADF
+    assert token not in w.server._by_token
+
+
+class _NoResetModel(DeviceModel):
+    reset_works = False
+
+    def bar_read(self, index: int, offset: int, size: int) -> bytes:
+        raise NotImplementedError  # a model bug
+
+
+def test_reset_flag_follows_the_model():
+    server = Server([Device(0, "noreset", VfioPciDevice(_NoResetModel(RAM_SPEC)))])
+    w = World.__new__(World)
+    w.server = server
+    dev, iommu = server.open_device(0), server.open_iommu()
+    w.bind(dev, iommu)
+    info = abi.vfio_device_info(argsz=24)
+    w.call(dev, abi.VFIO_DEVICE_GET_INFO, info)
+    assert info.flags == abi.VFIO_DEVICE_FLAGS_PCI
+    assert w.fails(dev, abi.VFIO_DEVICE_RESET) == errno.EINVAL
+    # a model without region handlers: the bug becomes EIO, not a dead daemon
+    with pytest.raises(VfioError) as exc:
+        server.read(dev, 0, 4)
+    assert exc.value.errno == errno.EIO
+
+
+def test_a_model_returning_the_wrong_size_is_eio(w):
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    w.bind(dev, iommu)
+    w.models[0].bar_read = lambda index, offset, size: b"\0" * (size + 1)
+    with pytest.raises(VfioError) as exc:
+        w.server.read(dev, 0, 4)
+    assert exc.value.errno == errno.EIO
+    w.models[0].bar_read = lambda index, offset, size: None
+    with pytest.raises(VfioError) as exc:
+        w.server.read(dev, 0, 4)
+    assert exc.value.errno == errno.EIO

@@ -1,0 +1,1 @@
+"""The pyfuse3 adapter: FUSE requests onto the core."""

@@ -1,0 +1,1 @@
+"""The daemon's side that touches the host: processes, fds, memfds, trio, mounts."""

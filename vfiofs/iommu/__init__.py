@@ -1,0 +1,1 @@
+"""The IOMMU drivers below the core: iommufd contexts and the type1 container."""

@@ -1,0 +1,1 @@
+"""vfio-pci below the core: config space, interrupts, regions, the sysfs view."""

@@ -1,0 +1,385 @@
+"""vfio-pci's behaviour for one emulated function: device ioctls, regions, mmap, reset.
+
+This is the driver half of the split (the kernel's vfio_pci_core.c, vfio_pci_rdwr.c,
+vfio_pci_config.c): it runs only on a bound handle — the state machine in
+:mod:`vfiofs.core.handles` has already let the request through — and turns VFIO's region and
+info interface into calls on a :class:`vfiofs.models.api.DeviceModel`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import select
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
+
+from vfiofs import abi
+from vfiofs.errors import VfioError
+from vfiofs.pci.irq import IrqController, Trigger
+from vfiofs.models.api import DeviceModel, DmaPort
+from vfiofs.pci.config import PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
+from vfiofs.models.spec import PAGE_SIZE
+from vfiofs.core.usermem import UserBuffer
+
+if TYPE_CHECKING:
+    from vfiofs.iommu.iommufd import Ioas
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_R = abi.VFIO_REGION_INFO_FLAG_READ
+_W = abi.VFIO_REGION_INFO_FLAG_WRITE
+_MMAP = abi.VFIO_REGION_INFO_FLAG_MMAP
+
+# Features the vfio core itself owns; without migration/logging ops they are ENOTTY.
+_CORE_FEATURES = {
+    abi.VFIO_DEVICE_FEATURE_MIGRATION,
+    abi.VFIO_DEVICE_FEATURE_MIG_DEVICE_STATE,
+    abi.VFIO_DEVICE_FEATURE_MIG_DATA_SIZE,
+    abi.VFIO_DEVICE_FEATURE_DMA_LOGGING_START,
+    abi.VFIO_DEVICE_FEATURE_DMA_LOGGING_STOP,
+    abi.VFIO_DEVICE_FEATURE_DMA_LOGGING_REPORT,
+}
+_FEATURE_FLAGS = (
+    abi.VFIO_DEVICE_FEATURE_MASK
+    | abi.VFIO_DEVICE_FEATURE_GET
+    | abi.VFIO_DEVICE_FEATURE_SET
+    | abi.VFIO_DEVICE_FEATURE_PROBE
+)
+
+
+def _signal_eventfd(trigger: Trigger) -> None:
+    """Add 1 to the driver's eventfd. It is the driver's blocking eventfd (its flags are shared,
+    so the daemon cannot make it non-blocking): a write to a counter at its maximum would block
+    the daemon, so a saturated counter is left as it is (it cannot count higher anyway)."""
+    try:
+        if not select.select([], [trigger.fd], [], 0)[1]:
+            log.warning("eventfd %d is saturated; interrupt not counted", trigger.fd)
+            return
+        os.eventfd_write(trigger.fd, 1)
+    except (OSError, ValueError) as exc:  # the descriptor is the daemon's own: this should not happen
+        log.warning("cannot signal eventfd %d: %s", trigger.fd, exc)
+
+
+def _release(trigger: Trigger) -> None:
+    trigger.close()  # type: ignore[attr-defined]
+
+
+def call_model(what: str, hook: Callable[..., T], *args: object) -> T:
+    """Run a model hook; a bug in a model becomes EIO for the caller, never a dead daemon."""
+    try:
+        return hook(*args)
+    except VfioError:
+        raise
+    except Exception:
+        log.exception("device model failed in %s", what)
+        raise VfioError(errno.EIO, f"device model failed in {what}") from None
+
+
+def offsetofend(struct_type: type[ctypes.Structure], field: str) -> int:
+    descriptor = getattr(struct_type, field)
+    return descriptor.offset + descriptor.size
+
+
+def page_align(size: int) -> int:
+    return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+
+
+def chain_caps(caps: list[tuple[int, int, bytes]], base: int) -> bytes:
+    """Region info capabilities (id, version, body) chained with absolute ``next`` offsets."""
+    out = bytearray()
+    for i, (cap_id, version, body) in enumerate(caps):
+        start = base + len(out)
+        length = (8 + len(body) + 7) & ~7
+        nxt = start + length if i + 1 < len(caps) else 0
+        out += struct.pack("<HHI", cap_id, version, nxt) + body + bytes(length - 8 - len(body))
+    return bytes(out)
+
+
+def place_caps(arg: UserBuffer, info: ctypes.Structure, caps: list[tuple[int, int, bytes]], base: int) -> None:
+    """The kernel's info-capability rule: the chain goes after the struct (at ``base``) when
+    ``argsz`` leaves room for it; otherwise ``argsz`` is raised to what is needed and
+    ``cap_offset`` stays 0, and the call still succeeds."""
+    chain = chain_caps(caps, base)
+    if info.argsz < base + len(chain):
+        info.argsz = base + len(chain)
+        info.cap_offset = 0
+    else:
+        arg.copy_to(base, chain)
+        info.cap_offset = base
+
+
+class VfioPciDevice:
+    """One emulated PCI function as vfio-pci presents it."""
+
+    def __init__(self, model: DeviceModel) -> None:
+        self.model = model
+        self.spec = model.spec
+        self.config = self._fresh_config()
+        # Hot path: implemented BARs by index, with the COMMAND bit that gates them.
+        self._bars = {bar.index: (bar.size, PCI_COMMAND_IO if bar.io else PCI_COMMAND_MEMORY)
+                      for bar in self.spec.bars}
+        self.dma_trace: deque[str] = deque(maxlen=256)  # DMA faults, newest last
+        self.trace = None  # the mount's TraceBus, set by the server
+        self.irqs = IrqController(self.spec, lambda: self.config, model.memory, self._signal, _release)
+        model.interrupts = self.irqs
+        msix = self.spec.capability("msix")
+        # BAR index → (table range, PBA range) of the MSI-X structures it holds
+        self._msix_ranges: dict[int, list[tuple[int, int, str]]] = {}
+        if msix is not None:
+            self._msix_ranges.setdefault(msix.table_bar, []).append(
+                (msix.table_offset, msix.table_offset + 16 * msix.vectors, "table"))
+            self._msix_ranges.setdefault(msix.pba_bar, []).append(
+                (msix.pba_offset, msix.pba_offset + 8 * ((msix.vectors + 63) // 64), "pba"))
+
+    def _fresh_config(self) -> PciConfigSpace:
+        return PciConfigSpace(self.spec, on_flr=self._function_reset)
+
+    # -- lifecycle (vfio_pci_core_enable / _disable) -----------------------------------------
+    def open_device(self) -> None:
+        self.config = self._fresh_config()
+        call_model("open", self.model.open)
+
+    def close_device(self) -> None:
+        """Close and reset; failures are logged, as close must always succeed."""
+        self.irqs.teardown()
+        self.model.dma = DmaPort()  # no address space until the next open attaches one
+        for what, hook in (("close", self.model.close), ("reset", self.model.reset)):
+            try:
+                call_model(what, hook)
+            except VfioError as exc:
+                log.warning("ignoring %s during close: %s", what, exc)
+        self.config = self._fresh_config()
+
+    def _function_reset(self) -> None:
+        """VFIO_DEVICE_RESET and PCIe FLR: power-on state, mappings revoked, interrupts torn down."""
+        self.irqs.teardown()
+        call_model("reset", self.model.reset)
+        self.config = self._fresh_config()
+
+    def sync(self) -> None:
+        call_model("sync", self.model.sync)
+
+    def attach_dma(self, ioas: "Ioas | None") -> None:
+        """The device's DMA now goes through ``ioas`` (None: detached, every DMA faults)."""
+        from vfiofs.iommu.iommufd import IoasDma  # iommufd imports the model layer; keep the cycle out of import time
+
+        self.model.dma = DmaPort() if ioas is None else IoasDma(ioas, self._trace_dma, self._trace_dma_ok)
+
+    def _trace_dma(self, event: str) -> None:
+        self.dma_trace.append(event)
+        log.warning("%s: %s", self.spec.name, event)
+        if self.trace is not None:
+            self.trace.emit(device=self.spec.name, op="dma", fault=event)
+
+    def _trace_dma_ok(self, kind: str, iova: int, size: int) -> None:
+        if self.trace is not None and self.trace.subscribers:
+            self.trace.emit(device=self.spec.name, op="dma", direction=kind, iova=hex(iova), size=size)
+
+    def _signal(self, trigger: Trigger) -> None:
+        if self.trace is not None and self.trace.subscribers:
+            self.trace.emit(device=self.spec.name, op="irq", type=self.irqs.irq_type, eventfd=trigger.fd)
+        _signal_eventfd(trigger)
+
+    # -- ioctls -------------------------------------------------------------------------------------
+    @property
+    def num_regions(self) -> int:
+        return abi.VFIO_PCI_NUM_REGIONS
+
+    def ioctl(self, request: int, arg: UserBuffer, files: Mapping[int, object] = {}) -> int:
+        if request == abi.VFIO_DEVICE_GET_INFO:
+            return self._get_info(arg)
+        if request == abi.VFIO_DEVICE_GET_IRQ_INFO:
+            return self.irqs.get_irq_info(arg)
+        if request == abi.VFIO_DEVICE_SET_IRQS:
+            return self.irqs.set_irqs(arg, files)
+        if request == abi.VFIO_DEVICE_GET_REGION_INFO:
+            return self._get_region_info(arg)
+        if request == abi.VFIO_DEVICE_RESET:
+            if not self.model.reset_works:
+                raise VfioError(errno.EINVAL, "device has no reset")
+            self._function_reset()
+            return 0
+        if request == abi.VFIO_DEVICE_FEATURE:
+            return self._feature(arg)
+        raise VfioError(errno.ENOTTY, f"ioctl {request:#x} not supported by vfio-pci")
+
+    def _get_info(self, arg: UserBuffer) -> int:
+        minsz = offsetofend(abi.vfio_device_info, "num_irqs")
+        info = arg.read_struct(abi.vfio_device_info, minsz)
+        if info.argsz < minsz:
+            raise VfioError(errno.EINVAL, "argsz smaller than vfio_device_info")
+        info.flags = abi.VFIO_DEVICE_FLAGS_PCI | (abi.VFIO_DEVICE_FLAGS_RESET if self.model.reset_works else 0)
+        info.num_regions = self.num_regions
+        info.num_irqs = abi.VFIO_PCI_NUM_IRQS
+        arg.write_struct(info, min(info.argsz, ctypes.sizeof(info)))
+        return 0
+
+    def region_info(self, index: int) -> tuple[int, int]:
+        """(size, flags) of region ``index`` as vfio-pci reports it; EINVAL if it has none."""
+        if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
+            return self.config.size, _R | _W
+        if index <= abi.VFIO_PCI_BAR5_REGION_INDEX:
+            bar = self.spec.bar(index)
+            if bar is None:
+                return 0, 0
+            return bar.size, _R | _W | (_MMAP if bar.mmap else 0)
+        if index == abi.VFIO_PCI_ROM_REGION_INDEX:
+            return (rom_bar_size(self.spec.rom), _R) if self.spec.rom is not None else (0, 0)
+        # VGA (no emulated device decodes legacy VGA ranges), and anything past the regions.
+        raise VfioError(errno.EINVAL, f"no region {index}")
+
+    def region_caps(self, index: int) -> list[tuple[int, int, bytes]]:
+        bar = self.spec.bar(index) if index <= abi.VFIO_PCI_BAR5_REGION_INDEX else None
+        caps: list[tuple[int, int, bytes]] = []
+        if bar is None or not bar.mmap:
+            return caps
+        if bar.sparse:
+            body = struct.pack("<II", len(bar.mmap_areas), 0)
+            body += b"".join(struct.pack("<QQ", offset, size) for offset, size in bar.mmap_areas)
+            caps.append((abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, body))
+        msix = self.spec.capability("msix")
+        if msix is not None and msix.table_bar == index:
+            caps.append((abi.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, 1, b""))
+        return caps
+
+    def _get_region_info(self, arg: UserBuffer) -> int:
+        minsz = offsetofend(abi.vfio_region_info, "offset")
+        info = arg.read_struct(abi.vfio_region_info, minsz)
+        if info.argsz < minsz:
+            raise VfioError(errno.EINVAL, "argsz smaller than vfio_region_info")
+        info.size, info.flags = self.region_info(info.index)
+        info.offset = abi.VFIO_PCI_INDEX_TO_OFFSET(info.index)
+        caps = self.region_caps(info.index)
+        if caps:
+            info.flags |= abi.VFIO_REGION_INFO_FLAG_CAPS
+            place_caps(arg, info, caps, minsz)
+        arg.write_struct(info, minsz)
+        return 0
+
+    def _feature(self, arg: UserBuffer) -> int:
+        minsz = offsetofend(abi.vfio_device_feature, "flags")
+        feature = arg.read_struct(abi.vfio_device_feature, minsz)
+        if feature.argsz < minsz:
+            raise VfioError(errno.EINVAL, "argsz smaller than vfio_device_feature")
+        if feature.flags & ~_FEATURE_FLAGS:
+            raise VfioError(errno.EINVAL, "unknown feature flags")
+        both = abi.VFIO_DEVICE_FEATURE_GET | abi.VFIO_DEVICE_FEATURE_SET
+        if feature.flags & both == both and not feature.flags & abi.VFIO_DEVICE_FEATURE_PROBE:
+            raise VfioError(errno.EINVAL, "GET and SET together need PROBE")
+        index = feature.flags & abi.VFIO_DEVICE_FEATURE_MASK
+        where = "the vfio core" if index in _CORE_FEATURES else "vfio-pci"
+        raise VfioError(errno.ENOTTY, f"feature {index} not supported by {where}")
+
+    # -- region access (vfio_pci_rw) -----------------------------------------------------------
+    def _locate(self, offset: int, count: int, write: bool) -> tuple[int, int, int]:
+        """(index, pos, count) of a config or ROM access (implemented BARs take _bar_access)."""
+        index = abi.VFIO_PCI_OFFSET_TO_INDEX(offset)
+        pos = offset & abi.VFIO_PCI_OFFSET_MASK
+        if index >= self.num_regions:
+            raise VfioError(errno.EINVAL, f"no region {index}")
+        if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
+            return index, pos, count
+        if index == abi.VFIO_PCI_ROM_REGION_INDEX and write:
+            raise VfioError(errno.EINVAL, "the ROM is read-only")
+        size, _ = self.region_info(index)
+        if size == 0:
+            raise VfioError(errno.EINVAL, f"region {index} is not implemented")
+        if pos >= size:
+            raise VfioError(errno.EINVAL, f"offset {pos:#x} past the end of region {index}")
+        return index, pos, min(count, size - pos)
+
+    def _bar_access(self, offset: int, count: int) -> tuple[int, int, int] | None:
+        """(index, pos, count) for an access to an implemented BAR, else None (the slow path)."""
+        index = offset >> abi.VFIO_PCI_OFFSET_SHIFT
+        bar = self._bars.get(index)
+        if bar is None:
+            return None
+        size, decode = bar
+        pos = offset & abi.VFIO_PCI_OFFSET_MASK
+        if pos >= size:
+            raise VfioError(errno.EINVAL, f"offset {pos:#x} past the end of region {index}")
+        if not self.config.data[4] & decode:  # low byte of PCI_COMMAND
+            raise VfioError(errno.EIO, f"BAR {index} access with decoding disabled in PCI_COMMAND")
+        return index, pos, min(count, size - pos)
+
+    def read(self, offset: int, count: int) -> bytes:
+        access = self._bar_access(offset, count)
+        if access is not None:
+            index, pos, count = access
+            try:
+                data = self.model.bar_read(index, pos, count)
+            except VfioError:
+                raise
+            except Exception:
+                log.exception("device model failed in bar_read")
+                raise VfioError(errno.EIO, "device model failed in bar_read") from None
+            if type(data) is not bytes or len(data) != count:
+                if not isinstance(data, (bytes, bytearray)) or len(data) != count:
+                    log.error("device model returned a wrong-sized read (wanted %d bytes)", count)
+                    raise VfioError(errno.EIO, "device model returned a wrong-sized read")
+                data = bytes(data)
+            return data
+        index, pos, count = self._locate(offset, count, write=False)
+        if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
+            return self.config.read(pos, count)
+        assert index == abi.VFIO_PCI_ROM_REGION_INDEX and self.spec.rom is not None
+        return self.spec.rom[pos : pos + count].ljust(count, b"\0")
+
+    def write(self, offset: int, data: bytes) -> int:
+        access = self._bar_access(offset, len(data))
+        if access is None:
+            index, pos, count = self._locate(offset, len(data), write=True)
+            assert index == abi.VFIO_PCI_CONFIG_REGION_INDEX  # everything else is refused or a BAR
+            return self._config_write(pos, data)
+        index, pos, count = access
+        data = data if count == len(data) else data[:count]
+        msix = self._msix_ranges.get(index)
+        if msix is None:
+            try:
+                self.model.bar_write(index, pos, data)
+            except VfioError:
+                raise
+            except Exception:
+                log.exception("device model failed in bar_write")
+                raise VfioError(errno.EIO, "device model failed in bar_write") from None
+            return count
+        # The PBA is read-only; a write to the table may unmask a vector with a pending message.
+        pba = [(lo, hi) for lo, hi, what in msix if what == "pba" and lo < pos + count and pos < hi]
+        saved = [(lo, self.model.memory[index].read(lo, hi - lo)) for lo, hi in pba]
+        call_model("bar_write", self.model.bar_write, index, pos, data)
+        for lo, contents in saved:
+            self.model.memory[index].write(lo, contents)
+        if any(what == "table" and lo < pos + count and pos < hi for lo, hi, what in msix):
+            self.irqs.deliver_unmasked()
+        return count
+
+    def _config_write(self, pos: int, data: bytes) -> int:
+        """Config writes, plus what they mean for interrupts (vfio_basic_config_write & co)."""
+        before = self.config.command & PCI_COMMAND_INTX_DISABLE
+        written = self.config.write(pos, data)
+        after = self.config.command & PCI_COMMAND_INTX_DISABLE
+        if before and not after:
+            self.irqs.unmask_intx()  # vfio-pci treats INTx-disable as mask/unmask
+        elif after and not before:
+            self.irqs.intx_masked = True
+        self.irqs.deliver_unmasked()  # MSI mask bits or the MSI-X function mask may have cleared
+        return written
+
+    # -- mmap (vfio_pci_core_mmap) --------------------------------------------------------------
+    def map_region(self, index: int, offset: int, length: int) -> int:
+        """The memfd behind ``length`` bytes at ``offset`` of BAR ``index``; EINVAL as mmap would."""
+        if index >= self.num_regions:
+            raise VfioError(errno.EINVAL, f"no region {index}")
+        bar = self.spec.bar(index) if index <= abi.VFIO_PCI_BAR5_REGION_INDEX else None
+        if bar is None or not bar.mmap:
+            raise VfioError(errno.EINVAL, f"region {index} cannot be mapped")
+        if offset % PAGE_SIZE or length <= 0 or offset + length > page_align(bar.size):
+            raise VfioError(errno.EINVAL, "mapping not page-aligned or beyond the region")
+        if not any(a <= offset and offset + length <= a + n for a, n in bar.mappable_areas):
+            raise VfioError(errno.EINVAL, "mapping outside the region's sparse mmap areas")
+        return self.model.memory[index].share()
