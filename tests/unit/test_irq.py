@@ -11,6 +11,7 @@ from vfiofs import abi
 from vfiofs.errors import VfioError
 from vfiofs.models.api import DeviceModel
 from vfiofs.models.spec import BarSpec, Capability, DeviceSpec, PciIdentity
+from vfiofs.core.ioctl import IoctlArg
 from vfiofs.core.usermem import UserBuffer
 from vfiofs.pci.vfio_pci import VfioPciDevice
 
@@ -39,18 +40,23 @@ class FakeEventfd:
         return copy
 
 
+def count_signal(trigger: FakeEventfd) -> None:
+    trigger.count += 1
+
+
+def close_trigger(trigger: FakeEventfd) -> None:
+    trigger.close()
+
+
 @pytest.fixture
-def device(monkeypatch):
-    driver = VfioPciDevice(DeviceModel(SPEC))
-    monkeypatch.setattr(driver.irqs, "_signal", lambda trigger: setattr(trigger, "count", trigger.count + 1))
-    monkeypatch.setattr(driver.irqs, "_release", lambda trigger: trigger.close())
-    return driver
+def device():
+    return VfioPciDevice(DeviceModel(SPEC), signal=count_signal, release=close_trigger)
 
 
 def set_irqs(driver, flags, index, start, count, data=b"", files=None, argsz=None):
     header = abi.vfio_irq_set(argsz=argsz if argsz is not None else 20 + len(data), flags=flags, index=index,
                               start=start, count=count)
-    return driver.ioctl(abi.VFIO_DEVICE_SET_IRQS, UserBuffer(bytes(header) + data), files or {})
+    return driver.ioctl(abi.VFIO_DEVICE_SET_IRQS, IoctlArg(UserBuffer(bytes(header) + data), files=files or {}))
 
 
 def fails(*args, **kwargs) -> int:
@@ -69,7 +75,7 @@ def test_validation_comes_before_dispatch(device):
     assert fails(device, NONE | TRIGGER, 3, 0, 1) == errno.EINVAL  # ERR has no vectors here
     assert fails(device, EVENTFD | TRIGGER, 2, 0, 1, b"", argsz=20) == errno.EINVAL  # data missing from argsz
     with pytest.raises(VfioError) as exc:
-        device.ioctl(abi.VFIO_DEVICE_SET_IRQS, UserBuffer(None), {})
+        device.ioctl(abi.VFIO_DEVICE_SET_IRQS, IoctlArg(UserBuffer(None)))
     assert exc.value.errno == errno.EFAULT
 
 

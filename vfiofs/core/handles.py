@@ -28,7 +28,8 @@ from vfiofs.iommu.type1 import Container
 from vfiofs.iommu.iommufd import DeviceObject, IommufdContext
 from vfiofs.host.procmem import ProcessMemory
 from vfiofs.core.usermem import UserBuffer
-from vfiofs.pci.vfio_pci import VfioPciDevice, offsetofend
+from vfiofs.core.ioctl import offsetofend
+from vfiofs.pci.vfio_pci import VfioPciDevice
 
 #: Value of :attr:`IoctlArg.files` for an fd that is open but is not a handle of this mount.
 FOREIGN_FD = object()
@@ -169,7 +170,7 @@ class DeviceFile:
                 return self._attach(arg.buf)
             if request == abi.VFIO_DEVICE_DETACH_IOMMUFD_PT:
                 return self._detach(arg.buf)
-        return self.device.driver.ioctl(request, arg.buf, arg.files)
+        return self.device.driver.ioctl(request, arg)
 
     def read(self, offset: int, size: int) -> bytes:
         self._require_bound()

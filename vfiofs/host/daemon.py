@@ -33,6 +33,7 @@ from vfiofs.core.mailbox import Server
 from vfiofs.pci import sysfs
 from vfiofs.core.handles import Device, Group
 from vfiofs.pci.vfio_pci import VfioPciDevice
+from vfiofs.host import eventfd
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +52,10 @@ def build_server(definitions: Sequence[Definition], state_dir: Path | None = Non
         for index, definition in enumerate(definitions):
             number = definition.spec.iommu_group if definition.spec.iommu_group is not None else index
             group = groups.setdefault(number, Group(number))
-            devices.append(Device(index, definition.name, VfioPciDevice(definition.build(state_dir)), group,
-                                  bdf=sysfs.bdf(index)))
+            devices.append(Device(index, definition.name,
+                                  VfioPciDevice(definition.build(state_dir), signal=eventfd.signal,
+                                                release=eventfd.release),
+                                  group, bdf=sysfs.bdf(index)))
     except (StateFileError, ValueError) as exc:
         for device in devices:
             device.driver.model.shutdown()

@@ -72,6 +72,10 @@ class Ioas(IommufdObject):
         if not any(m.memory is mapping.memory for m in self.mappings):
             mapping.memory.close()
 
+    def dma_port(self, on_fault: Callable[[str], None], on_done: Callable[[str, int, int], None]) -> DmaPort:
+        """DmaTarget: a device's DMA through this IOAS."""
+        return IoasDma(self, on_fault, on_done)
+
 
 class IoasDma(DmaPort):
     """A device's DMA through an IOAS: each access is checked against the mappings, page by page."""

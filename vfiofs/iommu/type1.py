@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import struct
 from typing import Callable
 
 from vfiofs import abi
@@ -20,7 +19,7 @@ from vfiofs.errors import VfioError
 from vfiofs.iommu.iommufd import IOVA_LAST, PAGE_SIZE, U64_MAX, Ioas, Mapping
 from vfiofs.host.procmem import ProcessMemory
 from vfiofs.core.usermem import UserBuffer
-from vfiofs.pci.vfio_pci import offsetofend, place_caps
+from vfiofs.core.ioctl import offsetofend, place_capabilities
 
 TYPE1_TYPES = (abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU)
 EXTENSIONS = {abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU, abi.VFIO_UNMAP_ALL, abi.VFIO_DMA_CC_IOMMU}
@@ -75,12 +74,14 @@ class Container:
         info.flags = abi.VFIO_IOMMU_INFO_PGSIZES | abi.VFIO_IOMMU_INFO_CAPS
         info.iova_pgsizes = IOVA_PGSIZES
         caps = [
-            (abi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1, struct.pack("<IIQQ", 1, 0, 0, IOVA_LAST)),
-            (abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1, struct.pack("<I", DMA_ENTRY_LIMIT - len(self.ioas.mappings))),
+            (abi.vfio_info_cap_header(id=abi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, version=1),
+             [(ctypes.c_uint32 * 2)(1, 0), abi.vfio_iova_range(start=0, end=IOVA_LAST)]),
+            (abi.vfio_info_cap_header(id=abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, version=1),
+             [ctypes.c_uint32(DMA_ENTRY_LIMIT - len(self.ioas.mappings))]),
         ]
         size = ctypes.sizeof(abi.vfio_iommu_type1_info)
         room = min(info.argsz, size)  # what the caller's buffer holds, before argsz may be raised
-        place_caps(arg, info, caps, size)
+        place_capabilities(arg, info, caps, size)
         arg.write_struct(info, room)
         return 0
 

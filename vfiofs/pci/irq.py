@@ -9,21 +9,24 @@ MSI-X are edge messages per vector; MSI-X honours the function mask and the per-
 mask bits in the table, recording masked messages in the PBA and sending them when
 unmasked. A signal is an eventfd increment, so nothing is lost when the driver is slow.
 
+GET_IRQ_INFO and SET_IRQS are handlers for the driver's ioctl table
+(:class:`vfiofs.core.ioctl.IoctlTable`): the table's vfio prologue has already copied the
+structure in and checked ``argsz`` against :data:`IRQ_INFO_MINSZ` / :data:`IRQ_SET_MINSZ`.
+
 Sans-I/O: triggers are opaque handles (:class:`Trigger`) the transport resolved from the
 caller's eventfd numbers; ``signal`` and ``release`` are injected.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import struct
 from typing import Callable, Mapping, Protocol
 
 from vfiofs import abi
 from vfiofs.errors import VfioError
+from vfiofs.core.ioctl import IoctlArg, offsetofend
 from vfiofs.models.spec import DeviceSpec
-from vfiofs.core.usermem import UserBuffer
 
 NONE, INTX, MSI, MSIX = "none", "intx", "msi", "msix"
 
@@ -36,8 +39,9 @@ MSIX_ENTRY_SIZE = 16
 
 _DATA = abi.VFIO_IRQ_SET_DATA_NONE | abi.VFIO_IRQ_SET_DATA_BOOL | abi.VFIO_IRQ_SET_DATA_EVENTFD
 _ACTION = abi.VFIO_IRQ_SET_ACTION_MASK | abi.VFIO_IRQ_SET_ACTION_UNMASK | abi.VFIO_IRQ_SET_ACTION_TRIGGER
-_SET_MINSZ = ctypes.sizeof(abi.vfio_irq_set)
-_INFO_MINSZ = ctypes.sizeof(abi.vfio_irq_info)
+#: argsz below these is EINVAL; SET_IRQS's data follows at IRQ_SET_MINSZ.
+IRQ_INFO_MINSZ = offsetofend(abi.vfio_irq_info, "count")
+IRQ_SET_MINSZ = offsetofend(abi.vfio_irq_set, "count")
 
 
 class Trigger(Protocol):
@@ -88,10 +92,10 @@ class IrqController:
         self.req_trigger: Trigger | None = None
 
     # -- GET_IRQ_INFO (vfio_pci_ioctl_get_irq_info) ---------------------------------------------------
-    def get_irq_info(self, arg: UserBuffer) -> int:
-        info = arg.read_struct(abi.vfio_irq_info, _INFO_MINSZ)
-        if info.argsz < _INFO_MINSZ or info.index >= abi.VFIO_PCI_NUM_IRQS:
-            raise VfioError(errno.EINVAL, "argsz too small or no such interrupt index")
+    def get_irq_info(self, arg: IoctlArg, info: abi.vfio_irq_info) -> int:
+        """The handler behind VFIO_DEVICE_GET_IRQ_INFO (``argsz`` already checked)."""
+        if info.index >= abi.VFIO_PCI_NUM_IRQS:
+            raise VfioError(errno.EINVAL, "no such interrupt index")
         if info.index == abi.VFIO_PCI_ERR_IRQ_INDEX and not self.spec.express:
             raise VfioError(errno.EINVAL, "ERR interrupts exist only on PCI Express devices")
         info.flags = abi.VFIO_IRQ_INFO_EVENTFD
@@ -100,17 +104,17 @@ class IrqController:
         else:
             info.flags |= abi.VFIO_IRQ_INFO_NORESIZE
         info.count = self.counts[info.index]
-        arg.write_struct(info, _INFO_MINSZ)
+        arg.buf.write_struct(info, IRQ_INFO_MINSZ)
         return 0
 
     # -- SET_IRQS ---------------------------------------------------------------------------------------
-    def set_irqs(self, arg: UserBuffer, files: Mapping[int, object]) -> int:
-        hdr = arg.read_struct(abi.vfio_irq_set, _SET_MINSZ)
+    def set_irqs(self, arg: IoctlArg, hdr: abi.vfio_irq_set) -> int:
+        """The handler behind VFIO_DEVICE_SET_IRQS (``argsz`` already checked); eventfd numbers
+        are resolved through ``arg.files``."""
         index, start, count, flags = hdr.index, hdr.start, hdr.count, hdr.flags
         # vfio_set_irqs_validate_and_prepare()
-        if (hdr.argsz < _SET_MINSZ or index >= abi.VFIO_PCI_NUM_IRQS or count >= 0xFFFF_FFFF - start
-                or flags & ~(_DATA | _ACTION)):
-            raise VfioError(errno.EINVAL, "bad argsz, index, range or flags")
+        if index >= abi.VFIO_PCI_NUM_IRQS or count >= 0xFFFF_FFFF - start or flags & ~(_DATA | _ACTION):
+            raise VfioError(errno.EINVAL, "bad index, range or flags")
         limit = self.counts[index]
         if start >= limit or start + count > limit:
             raise VfioError(errno.EINVAL, f"vectors {start}+{count} outside the {limit} of index {index}")
@@ -121,16 +125,16 @@ class IrqController:
             raise VfioError(errno.EINVAL, "exactly one DATA type is needed")
         data = b""
         if size:
-            if hdr.argsz - _SET_MINSZ < count * size:
+            if hdr.argsz - IRQ_SET_MINSZ < count * size:
                 raise VfioError(errno.EINVAL, "argsz too small for the data")
-            data = arg.copy_from(_SET_MINSZ, count * size)
+            data = arg.buf.copy_from(IRQ_SET_MINSZ, count * size)
         action = flags & _ACTION
         handler = self._dispatch(index, action)
         if handler is None:
             raise VfioError(errno.ENOTTY, f"action {action:#x} not supported on index {index}")
         eventfds = list(struct.unpack(f"<{count}i", data)) if data_type == abi.VFIO_IRQ_SET_DATA_EVENTFD else []
         bools = list(data) if data_type == abi.VFIO_IRQ_SET_DATA_BOOL else []
-        handler(index, start, count, data_type, eventfds, bools, files)
+        handler(index, start, count, data_type, eventfds, bools, arg.files)
         return 0
 
     def _dispatch(self, index: int, action: int):

@@ -4,6 +4,10 @@ This is the driver half of the split (the kernel's vfio_pci_core.c, vfio_pci_rdw
 vfio_pci_config.c): it runs only on a bound handle — the state machine in
 :mod:`vfiofs.core.handles` has already let the request through — and turns VFIO's region and
 info interface into calls on a :class:`vfiofs.models.api.DeviceModel`.
+
+Its ioctls are one table (:data:`IOCTLS`). It does no I/O: eventfds are signalled and
+released through functions the daemon injects, and DMA goes through the port its
+DmaTarget (an IOAS) hands out.
 """
 
 from __future__ import annotations
@@ -11,22 +15,16 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import os
-import select
-import struct
 from collections import deque
-from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 from vfiofs import abi
+from vfiofs.core.ioctl import Capability, Ioctl, IoctlArg, IoctlTable, Style, offsetofend, place_capabilities
 from vfiofs.errors import VfioError
-from vfiofs.pci.irq import IrqController, Trigger
+from vfiofs.pci.irq import IRQ_INFO_MINSZ, IRQ_SET_MINSZ, IrqController, Trigger
 from vfiofs.models.api import DeviceModel, DmaPort
 from vfiofs.pci.config import PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
 from vfiofs.models.spec import PAGE_SIZE
-from vfiofs.core.usermem import UserBuffer
-
-if TYPE_CHECKING:
-    from vfiofs.iommu.iommufd import Ioas
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -51,22 +49,19 @@ _FEATURE_FLAGS = (
     | abi.VFIO_DEVICE_FEATURE_PROBE
 )
 
-
-def _signal_eventfd(trigger: Trigger) -> None:
-    """Add 1 to the driver's eventfd. It is the driver's blocking eventfd (its flags are shared,
-    so the daemon cannot make it non-blocking): a write to a counter at its maximum would block
-    the daemon, so a saturated counter is left as it is (it cannot count higher anyway)."""
-    try:
-        if not select.select([], [trigger.fd], [], 0)[1]:
-            log.warning("eventfd %d is saturated; interrupt not counted", trigger.fd)
-            return
-        os.eventfd_write(trigger.fd, 1)
-    except (OSError, ValueError) as exc:  # the descriptor is the daemon's own: this should not happen
-        log.warning("cannot signal eventfd %d: %s", trigger.fd, exc)
+DEVICE_INFO_MINSZ = offsetofend(abi.vfio_device_info, "num_irqs")
+REGION_INFO_MINSZ = offsetofend(abi.vfio_region_info, "offset")
+FEATURE_MINSZ = offsetofend(abi.vfio_device_feature, "flags")
 
 
-def _release(trigger: Trigger) -> None:
-    trigger.close()  # type: ignore[attr-defined]
+class DmaTarget(Protocol):
+    """Where the device's DMA goes (vfiofs.core.ops.DmaTarget; an IOAS implements it)."""
+
+    def dma_port(self, on_fault: Callable[[str], None], on_done: Callable[[str, int, int], None]) -> DmaPort: ...
+
+
+def _ignore(trigger: Trigger) -> None:
+    """The default ``signal``/``release``: for unit tests and tools that register no eventfds."""
 
 
 def call_model(what: str, hook: Callable[..., T], *args: object) -> T:
@@ -80,44 +75,21 @@ def call_model(what: str, hook: Callable[..., T], *args: object) -> T:
         raise VfioError(errno.EIO, f"device model failed in {what}") from None
 
 
-def offsetofend(struct_type: type[ctypes.Structure], field: str) -> int:
-    descriptor = getattr(struct_type, field)
-    return descriptor.offset + descriptor.size
-
-
 def page_align(size: int) -> int:
     return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
 
-def chain_caps(caps: list[tuple[int, int, bytes]], base: int) -> bytes:
-    """Region info capabilities (id, version, body) chained with absolute ``next`` offsets."""
-    out = bytearray()
-    for i, (cap_id, version, body) in enumerate(caps):
-        start = base + len(out)
-        length = (8 + len(body) + 7) & ~7
-        nxt = start + length if i + 1 < len(caps) else 0
-        out += struct.pack("<HHI", cap_id, version, nxt) + body + bytes(length - 8 - len(body))
-    return bytes(out)
-
-
-def place_caps(arg: UserBuffer, info: ctypes.Structure, caps: list[tuple[int, int, bytes]], base: int) -> None:
-    """The kernel's info-capability rule: the chain goes after the struct (at ``base``) when
-    ``argsz`` leaves room for it; otherwise ``argsz`` is raised to what is needed and
-    ``cap_offset`` stays 0, and the call still succeeds."""
-    chain = chain_caps(caps, base)
-    if info.argsz < base + len(chain):
-        info.argsz = base + len(chain)
-        info.cap_offset = 0
-    else:
-        arg.copy_to(base, chain)
-        info.cap_offset = base
-
-
 class VfioPciDevice:
-    """One emulated PCI function as vfio-pci presents it."""
+    """One emulated PCI function as vfio-pci presents it.
 
-    def __init__(self, model: DeviceModel) -> None:
+    ``signal`` and ``release`` are what this driver does with an eventfd it decided to fire or
+    to drop (the daemon passes :mod:`vfiofs.host.eventfd`'s); the driver itself does no I/O.
+    """
+
+    def __init__(self, model: DeviceModel, *, signal: Callable[[Trigger], None] = _ignore,
+                 release: Callable[[Trigger], None] = _ignore) -> None:
         self.model = model
+        self._signal_trigger = signal
         self.spec = model.spec
         self.config = self._fresh_config()
         # Hot path: implemented BARs by index, with the COMMAND bit that gates them.
@@ -125,7 +97,7 @@ class VfioPciDevice:
                       for bar in self.spec.bars}
         self.dma_trace: deque[str] = deque(maxlen=256)  # DMA faults, newest last
         self.trace = None  # the mount's TraceBus, set by the server
-        self.irqs = IrqController(self.spec, lambda: self.config, model.memory, self._signal, _release)
+        self.irqs = IrqController(self.spec, lambda: self.config, model.memory, self._signal, release)
         model.interrupts = self.irqs
         msix = self.spec.capability("msix")
         # BAR index → (table range, PBA range) of the MSI-X structures it holds
@@ -164,11 +136,20 @@ class VfioPciDevice:
     def sync(self) -> None:
         call_model("sync", self.model.sync)
 
-    def attach_dma(self, ioas: "Ioas | None") -> None:
-        """The device's DMA now goes through ``ioas`` (None: detached, every DMA faults)."""
-        from vfiofs.iommu.iommufd import IoasDma  # iommufd imports the model layer; keep the cycle out of import time
+    def attach_dma(self, target: DmaTarget | None) -> None:
+        """The device's DMA now goes through ``target`` (None: detached, every DMA faults)."""
+        self.model.dma = DmaPort() if target is None else target.dma_port(self._trace_dma, self._trace_dma_ok)
 
-        self.model.dma = DmaPort() if ioas is None else IoasDma(ioas, self._trace_dma, self._trace_dma_ok)
+    def host_port(self) -> object | None:
+        """The model if it has a host side (the far end of a serial line, say), else None: the
+        one way the core and the FUSE adapter reach a model's host side."""
+        model = self.model
+        if getattr(model, "has_host_port", False):
+            return model
+        # Models written before ``has_host_port`` (the UART) are recognised by their methods.
+        if callable(getattr(model, "host_read", None)) and callable(getattr(model, "host_write", None)):
+            return model
+        return None
 
     def _trace_dma(self, event: str) -> None:
         self.dma_trace.append(event)
@@ -183,40 +164,34 @@ class VfioPciDevice:
     def _signal(self, trigger: Trigger) -> None:
         if self.trace is not None and self.trace.subscribers:
             self.trace.emit(device=self.spec.name, op="irq", type=self.irqs.irq_type, eventfd=trigger.fd)
-        _signal_eventfd(trigger)
+        self._signal_trigger(trigger)
 
     # -- ioctls -------------------------------------------------------------------------------------
     @property
     def num_regions(self) -> int:
         return abi.VFIO_PCI_NUM_REGIONS
 
-    def ioctl(self, request: int, arg: UserBuffer, files: Mapping[int, object] = {}) -> int:
-        if request == abi.VFIO_DEVICE_GET_INFO:
-            return self._get_info(arg)
-        if request == abi.VFIO_DEVICE_GET_IRQ_INFO:
-            return self.irqs.get_irq_info(arg)
-        if request == abi.VFIO_DEVICE_SET_IRQS:
-            return self.irqs.set_irqs(arg, files)
-        if request == abi.VFIO_DEVICE_GET_REGION_INFO:
-            return self._get_region_info(arg)
-        if request == abi.VFIO_DEVICE_RESET:
-            if not self.model.reset_works:
-                raise VfioError(errno.EINVAL, "device has no reset")
-            self._function_reset()
-            return 0
-        if request == abi.VFIO_DEVICE_FEATURE:
-            return self._feature(arg)
-        raise VfioError(errno.ENOTTY, f"ioctl {request:#x} not supported by vfio-pci")
+    def ioctl(self, request: int, arg: IoctlArg) -> int:
+        """A device ioctl on a bound handle, through :data:`IOCTLS` (unknown numbers are ENOTTY)."""
+        return IOCTLS.dispatch(self, request, arg)
 
-    def _get_info(self, arg: UserBuffer) -> int:
-        minsz = offsetofend(abi.vfio_device_info, "num_irqs")
-        info = arg.read_struct(abi.vfio_device_info, minsz)
-        if info.argsz < minsz:
-            raise VfioError(errno.EINVAL, "argsz smaller than vfio_device_info")
+    def _get_info(self, arg: IoctlArg, info: abi.vfio_device_info) -> int:
         info.flags = abi.VFIO_DEVICE_FLAGS_PCI | (abi.VFIO_DEVICE_FLAGS_RESET if self.model.reset_works else 0)
         info.num_regions = self.num_regions
         info.num_irqs = abi.VFIO_PCI_NUM_IRQS
-        arg.write_struct(info, min(info.argsz, ctypes.sizeof(info)))
+        arg.buf.write_struct(info, min(info.argsz, ctypes.sizeof(info)))
+        return 0
+
+    def _get_irq_info(self, arg: IoctlArg, info: abi.vfio_irq_info) -> int:
+        return self.irqs.get_irq_info(arg, info)
+
+    def _set_irqs(self, arg: IoctlArg, hdr: abi.vfio_irq_set) -> int:
+        return self.irqs.set_irqs(arg, hdr)
+
+    def _reset(self, arg: IoctlArg, _: None) -> int:
+        if not self.model.reset_works:
+            raise VfioError(errno.EINVAL, "device has no reset")
+        self._function_reset()
         return 0
 
     def region_info(self, index: int) -> tuple[int, int]:
@@ -233,39 +208,34 @@ class VfioPciDevice:
         # VGA (no emulated device decodes legacy VGA ranges), and anything past the regions.
         raise VfioError(errno.EINVAL, f"no region {index}")
 
-    def region_caps(self, index: int) -> list[tuple[int, int, bytes]]:
+    def region_caps(self, index: int) -> list[Capability]:
+        """The info capabilities of region ``index``: sparse mmap areas, MSI-X table mappable."""
         bar = self.spec.bar(index) if index <= abi.VFIO_PCI_BAR5_REGION_INDEX else None
-        caps: list[tuple[int, int, bytes]] = []
+        caps: list[Capability] = []
         if bar is None or not bar.mmap:
             return caps
         if bar.sparse:
-            body = struct.pack("<II", len(bar.mmap_areas), 0)
-            body += b"".join(struct.pack("<QQ", offset, size) for offset, size in bar.mmap_areas)
-            caps.append((abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP, 1, body))
+            sparse = abi.vfio_region_info_cap_sparse_mmap(
+                header=abi.vfio_info_cap_header(id=abi.VFIO_REGION_INFO_CAP_SPARSE_MMAP, version=1),
+                nr_areas=len(bar.mmap_areas))
+            caps.append((sparse, [abi.vfio_region_sparse_mmap_area(offset=offset, size=size)
+                                  for offset, size in bar.mmap_areas]))
         msix = self.spec.capability("msix")
         if msix is not None and msix.table_bar == index:
-            caps.append((abi.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, 1, b""))
+            caps.append((abi.vfio_info_cap_header(id=abi.VFIO_REGION_INFO_CAP_MSIX_MAPPABLE, version=1), []))
         return caps
 
-    def _get_region_info(self, arg: UserBuffer) -> int:
-        minsz = offsetofend(abi.vfio_region_info, "offset")
-        info = arg.read_struct(abi.vfio_region_info, minsz)
-        if info.argsz < minsz:
-            raise VfioError(errno.EINVAL, "argsz smaller than vfio_region_info")
+    def _get_region_info(self, arg: IoctlArg, info: abi.vfio_region_info) -> int:
         info.size, info.flags = self.region_info(info.index)
         info.offset = abi.VFIO_PCI_INDEX_TO_OFFSET(info.index)
         caps = self.region_caps(info.index)
         if caps:
             info.flags |= abi.VFIO_REGION_INFO_FLAG_CAPS
-            place_caps(arg, info, caps, minsz)
-        arg.write_struct(info, minsz)
+            place_capabilities(arg.buf, info, caps, REGION_INFO_MINSZ)
+        arg.buf.write_struct(info, REGION_INFO_MINSZ)
         return 0
 
-    def _feature(self, arg: UserBuffer) -> int:
-        minsz = offsetofend(abi.vfio_device_feature, "flags")
-        feature = arg.read_struct(abi.vfio_device_feature, minsz)
-        if feature.argsz < minsz:
-            raise VfioError(errno.EINVAL, "argsz smaller than vfio_device_feature")
+    def _feature(self, arg: IoctlArg, feature: abi.vfio_device_feature) -> int:
         if feature.flags & ~_FEATURE_FLAGS:
             raise VfioError(errno.EINVAL, "unknown feature flags")
         both = abi.VFIO_DEVICE_FEATURE_GET | abi.VFIO_DEVICE_FEATURE_SET
@@ -383,3 +353,15 @@ class VfioPciDevice:
         if not any(a <= offset and offset + length <= a + n for a, n in bar.mappable_areas):
             raise VfioError(errno.EINVAL, "mapping outside the region's sparse mmap areas")
         return self.model.memory[index].share()
+
+
+#: vfio-pci's device ioctls (vfio_pci_core_ioctl); the vfio prologue checks ``argsz`` first.
+IOCTLS = IoctlTable("vfio-pci", [
+    Ioctl(abi.VFIO_DEVICE_GET_INFO, VfioPciDevice._get_info, abi.vfio_device_info, DEVICE_INFO_MINSZ),
+    Ioctl(abi.VFIO_DEVICE_GET_REGION_INFO, VfioPciDevice._get_region_info, abi.vfio_region_info,
+          REGION_INFO_MINSZ),
+    Ioctl(abi.VFIO_DEVICE_GET_IRQ_INFO, VfioPciDevice._get_irq_info, abi.vfio_irq_info, IRQ_INFO_MINSZ),
+    Ioctl(abi.VFIO_DEVICE_SET_IRQS, VfioPciDevice._set_irqs, abi.vfio_irq_set, IRQ_SET_MINSZ),
+    Ioctl(abi.VFIO_DEVICE_RESET, VfioPciDevice._reset, style=Style.RAW),
+    Ioctl(abi.VFIO_DEVICE_FEATURE, VfioPciDevice._feature, abi.vfio_device_feature, FEATURE_MINSZ),
+])
