@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable, Mapping, TypeVar
 from vfiofs import abi
 from vfiofs.errors import VfioError
 from vfiofs.pci.irq import IrqController, Trigger
-from vfiofs.models.api import DeviceModel, DmaPort
+from vfiofs.models.api import DeviceModel
 from vfiofs.pci.config import PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
 from vfiofs.models.spec import PAGE_SIZE
 from vfiofs.core.usermem import UserBuffer
@@ -125,8 +125,8 @@ class VfioPciDevice:
                       for bar in self.spec.bars}
         self.dma_trace: deque[str] = deque(maxlen=256)  # DMA faults, newest last
         self.trace = None  # the mount's TraceBus, set by the server
-        self.irqs = IrqController(self.spec, lambda: self.config, model.memory, self._signal, _release)
-        model.interrupts = self.irqs
+        self.irqs = IrqController(self.spec, lambda: self.config, model.context.memory, self._signal, _release)
+        model.context.connect_interrupts(self.irqs)
         msix = self.spec.capability("msix")
         # BAR index → (table range, PBA range) of the MSI-X structures it holds
         self._msix_ranges: dict[int, list[tuple[int, int, str]]] = {}
@@ -147,7 +147,7 @@ class VfioPciDevice:
     def close_device(self) -> None:
         """Close and reset; failures are logged, as close must always succeed."""
         self.irqs.teardown()
-        self.model.dma = DmaPort()  # no address space until the next open attaches one
+        self.model.context.connect_dma(None)  # no address space until the next open attaches one
         for what, hook in (("close", self.model.close), ("reset", self.model.reset)):
             try:
                 call_model(what, hook)
@@ -168,7 +168,7 @@ class VfioPciDevice:
         """The device's DMA now goes through ``ioas`` (None: detached, every DMA faults)."""
         from vfiofs.iommu.iommufd import IoasDma  # iommufd imports the model layer; keep the cycle out of import time
 
-        self.model.dma = DmaPort() if ioas is None else IoasDma(ioas, self._trace_dma, self._trace_dma_ok)
+        self.model.context.connect_dma(None if ioas is None else IoasDma(ioas, self._trace_dma, self._trace_dma_ok))
 
     def _trace_dma(self, event: str) -> None:
         self.dma_trace.append(event)
@@ -350,10 +350,10 @@ class VfioPciDevice:
             return count
         # The PBA is read-only; a write to the table may unmask a vector with a pending message.
         pba = [(lo, hi) for lo, hi, what in msix if what == "pba" and lo < pos + count and pos < hi]
-        saved = [(lo, self.model.memory[index].read(lo, hi - lo)) for lo, hi in pba]
+        saved = [(lo, self.model.context.memory[index].read(lo, hi - lo)) for lo, hi in pba]
         call_model("bar_write", self.model.bar_write, index, pos, data)
         for lo, contents in saved:
-            self.model.memory[index].write(lo, contents)
+            self.model.context.memory[index].write(lo, contents)
         if any(what == "table" and lo < pos + count and pos < hi for lo, hi, what in msix):
             self.irqs.deliver_unmasked()
         return count
@@ -382,4 +382,4 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, "mapping not page-aligned or beyond the region")
         if not any(a <= offset and offset + length <= a + n for a, n in bar.mappable_areas):
             raise VfioError(errno.EINVAL, "mapping outside the region's sparse mmap areas")
-        return self.model.memory[index].share()
+        return self.model.context.memory[index].share()
