@@ -3,6 +3,7 @@ bookkeeping, and the trio scheduler (vfiofs.host.tasks) on trio's virtual clock.
 
 from __future__ import annotations
 
+import pytest
 import trio
 
 from vfiofs.host.tasks import TrioScheduler
@@ -22,6 +23,21 @@ def test_manual_scheduler_runs_due_timers_in_order():
     assert scheduler.advance(0.05) == 0 and ran == []
     late.cancel()
     assert scheduler.advance(1) == 2 and ran == ["a", "b"]
+
+
+def test_a_timer_started_by_a_timer_counts_from_its_own_due_time():
+    scheduler = ManualScheduler()
+    ticks: list[float] = []
+
+    def tick() -> None:
+        ticks.append(scheduler.now)
+        if len(ticks) < 5:
+            scheduler.call_later(0.001, tick)
+
+    scheduler.call_later(0.001, tick)
+    assert scheduler.advance(0.003) == 3
+    assert ticks == pytest.approx([0.001, 0.002, 0.003]) and scheduler.now == pytest.approx(0.003)
+    assert scheduler.advance(1) == 2 and scheduler.now == pytest.approx(1.003)
 
 
 def test_a_failing_timer_is_logged_not_raised(caplog):

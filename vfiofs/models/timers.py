@@ -14,6 +14,8 @@ from typing import Any, Awaitable, Callable, Protocol
 
 log = logging.getLogger(__name__)
 
+_SAME_TIME = 1e-9  # seconds: ManualScheduler treats closer times as equal
+
 
 class Timer:
     """A scheduled callback or task; ``cancel()`` is idempotent and safe after it ran."""
@@ -68,15 +70,22 @@ class ManualScheduler:
         raise RuntimeError("background tasks need the daemon's trio loop")
 
     def advance(self, seconds: float) -> int:
-        """Move time forward and run every timer that fell due; returns how many ran."""
-        self.now += seconds
+        """Move time forward and run every timer that falls due, in order; returns how many ran.
+
+        Each callback runs with :attr:`now` at its own due time, so a timer it starts counts
+        from there (a chain of 1 ms ticks advances 3 times in ``advance(0.003)``). Times
+        within a nanosecond count as equal, so sums of decimal fractions behave.
+        """
+        target = self.now + seconds
         ran = 0
         while True:
-            due = sorted((d for d in self._due if d[0] <= self.now), key=lambda d: (d[0], d[1]))
+            due = [d for d in self._due if d[0] <= target + _SAME_TIME]
             if not due:
+                self.now = max(self.now, target)
                 return ran
-            entry = due[0]
+            entry = min(due, key=lambda d: (d[0], d[1]))
             self._due.remove(entry)
+            self.now = max(self.now, entry[0])
             if not entry[2].cancelled:
                 run_guarded("timer", entry[3], *entry[4])
                 ran += 1
