@@ -43,5 +43,5 @@ class IrqBenchDevice(DeviceModel):
         interval = (int.from_bytes(self.bar_read(0, 4, 4), "little") or 2000) / 1e6
         for _ in range(count):
             await trio.sleep(interval)
-            self.memory[2].write(0, time.monotonic_ns().to_bytes(8, "little"))
+            self.context.memory[2].write(0, time.monotonic_ns().to_bytes(8, "little"))
             self.raise_irq(abi.VFIO_PCI_MSIX_IRQ_INDEX, 0)

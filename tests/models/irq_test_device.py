@@ -45,9 +45,9 @@ class IrqTestDevice(DeviceModel):
         size = int.from_bytes(super().bar_read(0, 0x28, 8), "little")
         try:
             if command == 1:
-                self.memory[2].write(0, self.dma_read(iova, size))
+                self.context.memory[2].write(0, self.dma_read(iova, size))
             elif command == 2:
-                self.dma_write(iova, self.memory[2].read(0, size))
+                self.dma_write(iova, self.context.memory[2].read(0, size))
             status = 0
         except DmaFault as fault:
             self.faults = self.faults + [str(fault)]

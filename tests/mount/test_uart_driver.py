@@ -35,7 +35,7 @@ class InterruptDrivenUart:
         self.dev, self.irq_index, self.efd = dev, irq_index, efd
         self.outgoing = bytearray(outgoing)
         self.received = bytearray()
-        self.interrupts = 0
+        self.irq_count = 0
 
     def reg(self, offset: int) -> int:
         return self.dev.read(0, offset, 1)[0]
@@ -71,7 +71,7 @@ class InterruptDrivenUart:
         try:
             while (len(self.received) < want or self.outgoing) and not stop.is_set():
                 for _ in ep.poll(0.5):
-                    self.interrupts += os.eventfd_read(self.efd)
+                    self.irq_count += os.eventfd_read(self.efd)
                     self.service()
         finally:
             ep.close()
@@ -116,4 +116,4 @@ def test_uart_sends_and_receives_by_interrupts(mount, irq_index):
     assert not thread.is_alive()
     assert bytes(driver.received) == message_in
     assert bytes(got) == message_out
-    assert driver.interrupts >= 1  # it only ever touched the device in response to one
+    assert driver.irq_count >= 1  # it only ever touched the device in response to one

@@ -21,7 +21,8 @@ from vfiofs.models.definitions import (
     load_definition,
     load_directory,
 )
-from vfiofs.models.api import DeviceModel
+from vfiofs.host.daemon import build_model
+from vfiofs.models.api import DeviceModel, LocalMemory, ModelContext
 from vfiofs.pci.config import layout_capabilities
 from vfiofs.models.spec import BarSpec, Capability, PciIdentity, Register
 
@@ -75,11 +76,12 @@ def loaded(tmp_path: Path, text: str, filename: str = "d.toml") -> Definition:
 
 @pytest.fixture
 def build():
-    """``build(definition, state_dir=None)``; every model built is shut down afterwards."""
+    """``build(definition, state_dir=None)`` as the daemon builds (memfd BARs, state files);
+    every model built is shut down afterwards."""
     models: list[DeviceModel] = []
 
     def _build(definition: Definition, state_dir: Path | None = None) -> DeviceModel:
-        model = definition.build(state_dir)
+        model = build_model(definition, state_dir)
         models.append(model)
         return model
 
@@ -982,24 +984,25 @@ def test_msix_pba_grows_with_vectors(tmp_path):
 
 
 CUSTOM_MODULE = """
-from vfiofs.models.api import DeviceModel
+from vfiofs.host.daemon import build_model
+from vfiofs.models.api import DeviceModel, LocalMemory, ModelContext
 
 
 class Custom(DeviceModel):
     reset_works = False
 
-    def __init__(self, spec, state_dir=None):
-        super().__init__(spec, state_dir)
-        self.state_dir = state_dir
+    def __init__(self, spec, context=None):
+        super().__init__(spec, context)
+        self.given_context = context
 
 
 class NotAModel:
-    def __init__(self, spec, state_dir=None):
+    def __init__(self, spec, context=None):
         self.spec = spec
 
 
-def factory(spec, state_dir=None):
-    return Custom(spec, state_dir)
+def factory(spec, context=None):
+    return Custom(spec, context)
 """
 
 
@@ -1014,11 +1017,13 @@ def test_custom_model_class(tmp_path, monkeypatch, module_names, build):
     assert isinstance(model, DeviceModel)
     assert model.spec is definition.spec
     assert model.reset_works is False
-    assert model.state_dir is None
+    assert isinstance(model.given_context, ModelContext) and model.context is model.given_context
     assert model.memory[1].size == 8192
     other = build(definition, tmp_path)
     assert type(other) is cls and other is not model
-    assert other.state_dir == tmp_path
+    assert other.context is not model.context
+    standalone = definition.build()  # no daemon: the model makes its own context
+    assert standalone.given_context is None and isinstance(standalone.memory[1], LocalMemory)
 
 
 @pytest.mark.parametrize("name", ["NotAModel", "factory"])
@@ -1125,7 +1130,7 @@ PERSIST = '[[bar]]\nindex = 2\nsize = "16KiB"\nmmap = true\npersist = true\n'
 def test_persistent_bar_needs_a_state_directory(tmp_path):
     definition = loaded(tmp_path, PERSIST, filename="keep.toml")
     with pytest.raises(ValueError) as info:
-        definition.build()
+        build_model(definition)
     assert str(info.value) == "keep: BAR 2 persists but no state directory was given"
 
 
@@ -1134,14 +1139,14 @@ def test_persistent_bar_refused_without_leaking_earlier_bars(tmp_path):
     definition = loaded(tmp_path, "[[bar]]\nindex = 0\nsize = 4096\n" + PERSIST, filename="keep.toml")
     before = sorted(os.listdir("/proc/self/fd"))
     with pytest.raises(ValueError):
-        definition.build()
+        build_model(definition)
     assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_persistent_bar_state_file(tmp_path, build):
     definition = loaded(tmp_path, "[[bar]]\nindex = 0\nsize = 4096\n" + PERSIST, filename="keep.toml")
     state = tmp_path / "state"
-    model = definition.build(state)  # shut down here, not by the fixture
+    model = build_model(definition, state)  # shut down here, not by the fixture
     try:
         state_file = state / "keep.bar2"
         assert state_file.is_file()

@@ -1,12 +1,15 @@
-"""Unit tests of model timers (vfiofs.host.tasks) with the manual scheduler, and of the trio one."""
+"""Unit tests of model timers: the manual scheduler (vfiofs.models.timers), the context's
+bookkeeping, and the trio scheduler (vfiofs.host.tasks) on trio's virtual clock."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 
-from vfiofs.models.api import DeviceModel
+from vfiofs.host.tasks import TrioScheduler
+from vfiofs.models.api import DeviceModel, ModelContext
 from vfiofs.models.spec import BarSpec, DeviceSpec, PciIdentity
-from vfiofs.host.tasks import ManualScheduler, TrioScheduler
+from vfiofs.models.timers import ManualScheduler
 
 SPEC = DeviceSpec(name="t", model="generic", identity=PciIdentity(vendor=1, device=2), bars=(BarSpec(0, 4096),))
 
@@ -22,6 +25,21 @@ def test_manual_scheduler_runs_due_timers_in_order():
     assert scheduler.advance(1) == 2 and ran == ["a", "b"]
 
 
+def test_a_timer_started_by_a_timer_counts_from_its_own_due_time():
+    scheduler = ManualScheduler()
+    ticks: list[float] = []
+
+    def tick() -> None:
+        ticks.append(scheduler.now)
+        if len(ticks) < 5:
+            scheduler.call_later(0.001, tick)
+
+    scheduler.call_later(0.001, tick)
+    assert scheduler.advance(0.003) == 3
+    assert ticks == pytest.approx([0.001, 0.002, 0.003]) and scheduler.now == pytest.approx(0.003)
+    assert scheduler.advance(1) == 2 and scheduler.now == pytest.approx(1.003)
+
+
 def test_a_failing_timer_is_logged_not_raised(caplog):
     scheduler = ManualScheduler()
     scheduler.call_later(0, lambda: 1 / 0)
@@ -30,30 +48,52 @@ def test_a_failing_timer_is_logged_not_raised(caplog):
 
 
 def test_reset_cancels_the_models_timers():
-    model = DeviceModel(SPEC)
+    clock = ManualScheduler()
+    model = DeviceModel(SPEC, ModelContext.standalone(SPEC, clock))
     fired: list[int] = []
     model.call_later(1, fired.append, 1)
     model.reset()
     model.call_later(1, fired.append, 2)
-    model.scheduler.advance(2)
+    clock.advance(2)
     assert fired == [2]
     model.shutdown()
 
 
-async def test_trio_scheduler_runs_timers_and_tasks():
-    ran: list[str] = []
+def test_a_connected_scheduler_takes_over():
+    model = DeviceModel(SPEC)
+    clock = ManualScheduler()
+    model.context.connect_scheduler(clock)
+    fired: list[str] = []
+    model.call_later(0.5, fired.append, "tick")
+    assert clock.advance(0.5) == 1 and fired == ["tick"]
+
+
+async def test_trio_scheduler_runs_timers_and_tasks(autojump_clock):
+    """On the virtual clock: each sleep ends exactly when due, and no real time passes."""
+    ran: list[tuple[str, float]] = []
     async with trio.open_nursery() as nursery:
         scheduler = TrioScheduler(nursery)
-        scheduler.call_later(0.01, ran.append, "timer")
-        cancelled = scheduler.call_later(0.01, ran.append, "cancelled")
+        start = trio.current_time()
+        scheduler.call_later(1, lambda: ran.append(("timer", trio.current_time() - start)))
+        cancelled = scheduler.call_later(1, ran.append, ("cancelled", 0))
         cancelled.cancel()
 
         async def task(tag: str) -> None:
-            await trio.sleep(0.02)
-            ran.append(tag)
+            await trio.sleep(2)
+            ran.append((tag, trio.current_time() - start))
 
         scheduler.spawn(task, "task")
         forever = scheduler.spawn(trio.sleep_forever)
-        await trio.sleep(0.05)
+        await trio.sleep(3)
         forever.cancel()
-    assert sorted(ran) == ["task", "timer"]
+    assert sorted(ran) == [("task", 2), ("timer", 1)]
+    assert trio.current_time() - start == 3  # the nursery closed: "forever" was cancelled
+
+
+async def test_trio_timer_cancelled_before_it_starts(autojump_clock):
+    ran: list[str] = []
+    async with trio.open_nursery() as nursery:
+        scheduler = TrioScheduler(nursery)
+        scheduler.spawn(trio.sleep_forever).cancel()  # cancelled before the nursery started it
+        scheduler.call_later(1, ran.append, "ran")
+    assert ran == ["ran"]

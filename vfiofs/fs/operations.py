@@ -186,9 +186,7 @@ class VfioOperations(pyfuse3.Operations):
             node.port = model
             ports.children[node.name] = node
             wake = lambda model=model: self._port_event(model)  # noqa: E731
-            model.on_host_readable = wake
-            if hasattr(model, "on_host_writable"):
-                model.on_host_writable = wake
+            model.context.watch_host_port(wake)
 
     def _port_event(self, model: object) -> None:
         """The model has news for its host side: wake every poller of its port (never raises)."""

@@ -25,10 +25,10 @@ import trio
 
 from vfiofs.models.definitions import Definition
 from vfiofs.host.fdpass import FdChannel
-from vfiofs.models.api import DeviceModel
+from vfiofs.models.api import DeviceModel, ModelContext
 from vfiofs.host.tasks import TrioScheduler
 from vfiofs.fs.operations import VfioOperations
-from vfiofs.models.regions import StateFileError
+from vfiofs.host.memory import StateFileError, bar_memory
 from vfiofs.core.mailbox import Server
 from vfiofs.pci import sysfs
 from vfiofs.core.handles import Device, Group
@@ -44,6 +44,20 @@ class MountError(Exception):
     """The mount could not be set up; ``str()`` is a one-line explanation."""
 
 
+def build_model(definition: Definition, state_dir: Path | None = None) -> DeviceModel:
+    """A model on a context whose BARs are memfds (persistent ones backed by ``state_dir``).
+
+    Raises StateFileError or ValueError (a persistent BAR without ``state_dir``), leaking nothing.
+    """
+    memory = bar_memory(definition.spec, state_dir)
+    try:
+        return definition.build(ModelContext(memory))
+    except BaseException:
+        for bar in memory.values():
+            bar.close()
+        raise
+
+
 def build_server(definitions: Sequence[Definition], state_dir: Path | None = None) -> Server:
     """Instantiate every device; MountError if a persistent region's state file is unusable."""
     devices = []
@@ -53,7 +67,7 @@ def build_server(definitions: Sequence[Definition], state_dir: Path | None = Non
             number = definition.spec.iommu_group if definition.spec.iommu_group is not None else index
             group = groups.setdefault(number, Group(number))
             devices.append(Device(index, definition.name,
-                                  VfioPciDevice(definition.build(state_dir), signal=eventfd.signal,
+                                  VfioPciDevice(build_model(definition, state_dir), signal=eventfd.signal,
                                                 release=eventfd.release),
                                   group, bdf=sysfs.bdf(index)))
     except (StateFileError, ValueError) as exc:
@@ -195,7 +209,7 @@ async def _main(on_ready: Callable[[], None] | None, models: Sequence[DeviceMode
     async with trio.open_nursery() as nursery:
         scheduler = TrioScheduler(nursery)
         for model in models:  # timers and tasks of device models run in this nursery
-            model.scheduler = scheduler
+            model.context.connect_scheduler(scheduler)
 
         async def fuse_loop() -> None:
             # The core never awaits inside a handler, so one worker task is enough and fastest.

@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from vfiofs.models.api import DeviceModel
-from vfiofs.models.edu import EduDevice
-from vfiofs.models.uart import Uart16550
+from vfiofs.models.api import DeviceModel, ModelContext
+from vfiofs.models.registry import BUILTIN_MODELS
 from vfiofs.models.spec import ACCESS_KINDS, CAPABILITY_KINDS, PAGE_SIZE, BarSpec, Capability, DeviceSpec, PciIdentity, Register
 
 if sys.version_info >= (3, 11):
@@ -43,9 +42,13 @@ class Definition:
     spec: DeviceSpec
     factory: Callable[..., DeviceModel]
 
-    def build(self, state_dir: Path | None = None) -> DeviceModel:
-        """A fresh model instance; ``state_dir`` holds the files of persistent BARs."""
-        return self.factory(self.spec, state_dir)
+    def build(self, context: ModelContext | None = None) -> DeviceModel:
+        """A fresh model instance on ``context`` (None: standalone, with in-memory BARs).
+
+        The daemon passes a context with its BAR memory (memfds, state files of persistent
+        BARs: :func:`vfiofs.host.memory.bar_memory`).
+        """
+        return self.factory(self.spec, context)
 
     @property
     def identity(self) -> PciIdentity:
@@ -307,8 +310,8 @@ def _capabilities(reader: _Reader, data: dict[str, Any], bars: tuple[BarSpec, ..
 
 
 def _model(reader: _Reader, model: Any) -> Callable[..., DeviceModel]:
-    if isinstance(model, str) and model in MODELS:
-        return MODELS[model]
+    if isinstance(model, str) and model in BUILTIN_MODELS:
+        return BUILTIN_MODELS[model]
     if isinstance(model, str) and _MODEL_PATH.fullmatch(model):
         module_name, class_name = model.split(":")
         try:
@@ -318,7 +321,7 @@ def _model(reader: _Reader, model: Any) -> Callable[..., DeviceModel]:
         if not (isinstance(cls, type) and issubclass(cls, DeviceModel)):
             raise reader.fail("model", f"{model} is not a vfiofs.models.api.DeviceModel subclass")
         return cls
-    raise reader.fail("model", f"must be one of {', '.join(sorted(MODELS))} or \"package.module:Class\", "
+    raise reader.fail("model", f"must be one of {', '.join(sorted(BUILTIN_MODELS))} or \"package.module:Class\", "
                       f"got {model!r}")
 
 
@@ -329,11 +332,6 @@ def _ram_shorthand(reader: _Reader, data: dict[str, Any]) -> tuple[BarSpec, ...]
     section = reader.table(data, "ram", {"size"})
     size = reader.size(section, "size", "ram.size", PAGE_SIZE, 1 << 30, 64 * 1024)
     return (BarSpec(index=0, size=size, mmap=True),)
-
-
-# model name → factory taking the DeviceSpec
-MODELS: dict[str, Callable[..., DeviceModel]] = {"generic": DeviceModel, "ram": DeviceModel, "edu": EduDevice,
-                                                 "uart16550": Uart16550}
 
 
 def load_definition(path: Path) -> Definition:

@@ -71,10 +71,8 @@ Where vfiofs differs from QEMU, on purpose:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-
 from vfiofs import abi
-from vfiofs.models.api import DeviceModel, DmaFault
+from vfiofs.models.api import DeviceModel, DmaFault, ModelContext
 from vfiofs.models.spec import DeviceSpec
 
 log = logging.getLogger(__name__)
@@ -136,8 +134,8 @@ class EduDevice(DeviceModel):
     #: the RAM-side address mask (QEMU's ``dma_mask`` property, 28 bits)
     dma_mask: int = (1 << 28) - 1
 
-    def __init__(self, spec: DeviceSpec, state_dir: Path | None = None) -> None:
-        super().__init__(spec, state_dir)
+    def __init__(self, spec: DeviceSpec, context: ModelContext | None = None) -> None:
+        super().__init__(spec, context)
         #: refused transfers and DMA faults, one line each, oldest first (emptied by reset)
         self.dma_errors: list[str] = []
         self._power_on()

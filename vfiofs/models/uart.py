@@ -52,22 +52,16 @@ offset  read                                       write
 The host side (the other end of the serial line; the FUSE layer serves it as
 ``<mnt>/ports/vfioN``): :meth:`~Uart16550.host_read` takes what the driver transmitted (kept
 in a buffer of at most :attr:`~Uart16550.host_buffer_limit` bytes, the oldest dropped
-first), :meth:`~Uart16550.host_write` feeds bytes to the driver. The model calls
-:attr:`~Uart16550.on_host_readable` when transmitted bytes arrive, and
-:attr:`~Uart16550.on_host_writable` when the RX FIFO gets room again after being full.
+first), :meth:`~Uart16550.host_write` feeds bytes to the driver. The model reports news
+for the host side through its context (:meth:`~vfiofs.models.api.ModelContext.host_port_changed`)
+when transmitted bytes arrive, and when the RX FIFO gets room again after being full.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
-from typing import Callable
-
 from vfiofs import abi
-from vfiofs.models.api import DeviceModel
+from vfiofs.models.api import DeviceModel, ModelContext
 from vfiofs.models.spec import DeviceSpec
-
-log = logging.getLogger(__name__)
 
 FIFO_SIZE = 16
 TRIGGER_LEVEL = 1  # mtty overwrites the FCR-decoded level with 1; so does this model
@@ -130,15 +124,12 @@ UART_MSR_DCD = 0x80
 class Uart16550(DeviceModel):
     """One 16550 port in I/O BAR0, mtty's register behaviour, and a host side for the other end."""
 
+    has_host_port = True
     #: the most transmitted bytes kept for the host side; older ones are dropped first
     host_buffer_limit: int = HOST_BUFFER_LIMIT
 
-    def __init__(self, spec: DeviceSpec, state_dir: Path | None = None) -> None:
-        super().__init__(spec, state_dir)
-        #: called (no arguments) when transmitted bytes become available to :meth:`host_read`
-        self.on_host_readable: Callable[[], None] | None = None
-        #: called (no arguments) when the RX FIFO gets room again after being full
-        self.on_host_writable: Callable[[], None] | None = None
+    def __init__(self, spec: DeviceSpec, context: ModelContext | None = None) -> None:
+        super().__init__(spec, context)
         self.host_dropped = 0  # transmitted bytes lost because the host side did not read them
         self._to_host = bytearray()
         self._intx_level = False
@@ -165,7 +156,7 @@ class Uart16550(DeviceModel):
             self._intx_level = False
             self.deassert_intx()
         if room_before == 0:
-            self._notify(self.on_host_writable)  # the FIFO is empty and the loop open again
+            self.context.host_port_changed()  # the FIFO is empty and the loop open again
 
     # -- BAR0 ---------------------------------------------------------------------------------
     def bar_read(self, index: int, offset: int, size: int) -> bytes:
@@ -187,7 +178,7 @@ class Uart16550(DeviceModel):
     def _after_access(self, room_before: int) -> None:
         self._update_irq()
         if room_before == 0 and self.host_room() > 0:
-            self._notify(self.on_host_writable)
+            self.context.host_port_changed()  # room for the host side again
 
     def _read(self, reg: int) -> int:
         dlab = self.lcr & UART_LCR_DLAB
@@ -290,7 +281,7 @@ class Uart16550(DeviceModel):
         if excess > 0:
             del self._to_host[:excess]
             self.host_dropped += excess
-        self._notify(self.on_host_readable)
+        self.context.host_port_changed()  # bytes for the host side
 
     # -- interrupts ---------------------------------------------------------------------------
     def _iir(self) -> int:
@@ -344,12 +335,3 @@ class Uart16550(DeviceModel):
             self.rx += data[:taken]
             self._update_irq()
         return taken
-
-    @staticmethod
-    def _notify(callback: Callable[[], None] | None) -> None:
-        if callback is None:
-            return
-        try:
-            callback()
-        except Exception:  # the listener's problem must not become the driver's
-            log.exception("host-side notification failed")

@@ -97,8 +97,8 @@ class VfioPciDevice:
                       for bar in self.spec.bars}
         self.dma_trace: deque[str] = deque(maxlen=256)  # DMA faults, newest last
         self.trace = None  # the mount's TraceBus, set by the server
-        self.irqs = IrqController(self.spec, lambda: self.config, model.memory, self._signal, release)
-        model.interrupts = self.irqs
+        self.irqs = IrqController(self.spec, lambda: self.config, model.context.memory, self._signal, release)
+        model.context.connect_interrupts(self.irqs)
         msix = self.spec.capability("msix")
         # BAR index → (table range, PBA range) of the MSI-X structures it holds
         self._msix_ranges: dict[int, list[tuple[int, int, str]]] = {}
@@ -119,7 +119,7 @@ class VfioPciDevice:
     def close_device(self) -> None:
         """Close and reset; failures are logged, as close must always succeed."""
         self.irqs.teardown()
-        self.model.dma = DmaPort()  # no address space until the next open attaches one
+        self.model.context.connect_dma(None)  # no address space until the next open attaches one
         for what, hook in (("close", self.model.close), ("reset", self.model.reset)):
             try:
                 call_model(what, hook)
@@ -138,16 +138,13 @@ class VfioPciDevice:
 
     def attach_dma(self, target: DmaTarget | None) -> None:
         """The device's DMA now goes through ``target`` (None: detached, every DMA faults)."""
-        self.model.dma = DmaPort() if target is None else target.dma_port(self._trace_dma, self._trace_dma_ok)
+        self.model.context.connect_dma(None if target is None else target.dma_port(self._trace_dma, self._trace_dma_ok))
 
     def host_port(self) -> object | None:
         """The model if it has a host side (the far end of a serial line, say), else None: the
         one way the core and the FUSE adapter reach a model's host side."""
         model = self.model
         if getattr(model, "has_host_port", False):
-            return model
-        # Models written before ``has_host_port`` (the UART) are recognised by their methods.
-        if callable(getattr(model, "host_read", None)) and callable(getattr(model, "host_write", None)):
             return model
         return None
 
@@ -320,10 +317,10 @@ class VfioPciDevice:
             return count
         # The PBA is read-only; a write to the table may unmask a vector with a pending message.
         pba = [(lo, hi) for lo, hi, what in msix if what == "pba" and lo < pos + count and pos < hi]
-        saved = [(lo, self.model.memory[index].read(lo, hi - lo)) for lo, hi in pba]
+        saved = [(lo, self.model.context.memory[index].read(lo, hi - lo)) for lo, hi in pba]
         call_model("bar_write", self.model.bar_write, index, pos, data)
         for lo, contents in saved:
-            self.model.memory[index].write(lo, contents)
+            self.model.context.memory[index].write(lo, contents)
         if any(what == "table" and lo < pos + count and pos < hi for lo, hi, what in msix):
             self.irqs.deliver_unmasked()
         return count
@@ -352,7 +349,7 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, "mapping not page-aligned or beyond the region")
         if not any(a <= offset and offset + length <= a + n for a, n in bar.mappable_areas):
             raise VfioError(errno.EINVAL, "mapping outside the region's sparse mmap areas")
-        return self.model.memory[index].share()
+        return self.model.context.memory[index].share()
 
 
 #: vfio-pci's device ioctls (vfio_pci_core_ioctl); the vfio prologue checks ``argsz`` first.

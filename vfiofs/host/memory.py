@@ -1,21 +1,22 @@
-"""What backs a BAR: shared memory that can be revoked and persisted, and emulated registers.
+"""BAR memory the daemon serves: a memfd that can be shared, revoked and persisted.
 
 BAR memory lives in a memfd. The daemon reads and writes it with pread/pwrite and never
 maps it itself: the binder may hold the same memfd (see :meth:`BarMemory.share`), and
 a client that shrank a file the daemon had mapped could make the daemon fault. Revoking
 access truncates the memfd the binder holds (its mappings then raise SIGBUS) and moves
 the device onto a fresh memfd, so an old mapping can never reach a later binder's data.
+
+The daemon builds one :class:`BarMemory` per BAR (:func:`bar_memory`) and hands them to the
+model through its :class:`~vfiofs.models.api.ModelContext`; a model never builds its own.
 """
 
 from __future__ import annotations
 
-import bisect
 import fcntl
 import os
 from pathlib import Path
-from typing import Sequence
 
-from vfiofs.models.spec import Register
+from vfiofs.models.spec import DeviceSpec
 
 _CHUNK = 1 << 20
 
@@ -40,7 +41,12 @@ class BarMemory:
         self.fd = self._fresh()
         self._state_fd: int | None = None
         if state_file is not None:
-            self._open_state(state_file)
+            try:
+                self._open_state(state_file)
+            except BaseException:
+                os.close(self.fd)
+                self.fd = -1
+                raise
 
     def _fresh(self) -> int:
         fd = os.memfd_create(f"vfiofs:{self.name}", os.MFD_CLOEXEC)
@@ -113,45 +119,23 @@ class BarMemory:
         self.fd, self._state_fd = -1, None
 
 
-class RegisterFile:
-    """The registers of one BAR with their access kinds (ro, rw, wo, w1c, rc)."""
+def bar_memory(spec: DeviceSpec, state_dir: Path | None = None) -> dict[int, BarMemory]:
+    """One BarMemory per BAR of ``spec``; persistent BARs keep ``state_dir/<name>.bar<index>``.
 
-    def __init__(self, registers: Sequence[Register]) -> None:
-        self.registers = sorted(registers, key=lambda r: r.offset)
-        self._starts = [r.offset for r in self.registers]
-        self._max_width = max((r.width for r in self.registers), default=0)
-        self.values: dict[int, int] = {}
-        self.reset()
-
-    def reset(self) -> None:
-        self.values = {r.offset: r.reset for r in self.registers}
-
-    def overlapping(self, offset: int, size: int) -> list[Register]:
-        if not self.registers:
-            return []
-        first = bisect.bisect_left(self._starts, offset - self._max_width + 1)
-        end = bisect.bisect_left(self._starts, offset + size)
-        return [r for r in self.registers[first:end] if r.offset + r.width > offset]
-
-    def overlay_read(self, offset: int, data: bytearray) -> None:
-        """Replace the bytes of ``data`` (read at ``offset``) that registers cover."""
-        for reg in self.overlapping(offset, len(data)):
-            value = 0 if reg.access == "wo" else self.values[reg.offset]
-            raw = value.to_bytes(reg.width, "little")
-            lo, hi = max(offset, reg.offset), min(offset + len(data), reg.offset + reg.width)
-            data[lo - offset : hi - offset] = raw[lo - reg.offset : hi - reg.offset]
-            if reg.access == "rc":
-                self.values[reg.offset] = 0
-
-    def apply_write(self, offset: int, data: bytes) -> None:
-        for reg in self.overlapping(offset, len(data)):
-            lo, hi = max(offset, reg.offset), min(offset + len(data), reg.offset + reg.width)
-            shift = 8 * (lo - reg.offset)
-            mask = ((1 << (8 * (hi - lo))) - 1) << shift
-            value = int.from_bytes(data[lo - offset : hi - offset], "little") << shift
-            current = self.values[reg.offset]
-            if reg.access in ("rw", "wo"):
-                self.values[reg.offset] = (current & ~mask) | value
-            elif reg.access == "w1c":
-                self.values[reg.offset] = current & ~value
-
+    Raises ValueError (a persistent BAR without ``state_dir``) or StateFileError, having
+    closed the memory it already built.
+    """
+    memory: dict[int, BarMemory] = {}
+    try:
+        for bar in spec.bars:
+            state_file = None
+            if bar.persist:
+                if state_dir is None:
+                    raise ValueError(f"{spec.name}: BAR {bar.index} persists but no state directory was given")
+                state_file = state_dir / f"{spec.name}.bar{bar.index}"
+            memory[bar.index] = BarMemory(f"{spec.name}.bar{bar.index}", bar.size, state_file)
+    except BaseException:
+        for built in memory.values():
+            built.close()
+        raise
+    return memory
