@@ -17,7 +17,7 @@ import json
 import logging
 import os
 import select
-from typing import Any
+from typing import Any, Protocol
 
 import pyfuse3
 
@@ -30,6 +30,19 @@ log = logging.getLogger(__name__)
 
 # What poll reports for a file without a poll method (the kernel's DEFAULT_POLLMASK).
 DEFAULT_POLLMASK = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
+
+
+class OpenFile(Protocol):
+    """What the adapter's fh table holds; ``fh`` is set by the adapter unless the mailbox chose it."""
+
+    fh: int
+    nonseekable: bool
+
+    def read(self, offset: int, size: int) -> bytes: ...
+    def write(self, offset: int, data: bytes) -> int: ...
+    def poll(self, poll_handle: Any) -> int: ...  # poll_handle: a pyfuse3.PollHandle or None
+    def fsync(self) -> None: ...
+    def release(self) -> None: ...
 
 
 def refuse_writable(flags: int) -> None:

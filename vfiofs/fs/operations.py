@@ -21,8 +21,8 @@ import pyfuse3
 
 from vfiofs.core.mailbox import Server
 from vfiofs.errors import VfioError
-from vfiofs.fs.files import NO_FILE, VfioHandle
-from vfiofs.fs.tree import OpenFile, Tree
+from vfiofs.fs.files import NO_FILE, OpenFile, VfioHandle
+from vfiofs.fs.tree import Tree
 
 log = logging.getLogger(__name__)
 

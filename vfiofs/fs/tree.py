@@ -20,13 +20,14 @@ import logging
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Union
+from typing import Callable
 
 import pyfuse3
 
 from vfiofs.core.mailbox import Server
 from vfiofs.core.ports import HostPort
-from vfiofs.fs.files import AttributeFile, PortFile, StatusFile, TraceFile, VfioHandle, refuse_writable
+from vfiofs.fs.files import (AttributeFile, OpenFile, PortFile, StatusFile, TraceFile, VfioHandle,
+                             refuse_writable)
 from vfiofs.pci import sysfs
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ PORTS_INODE_BASE = 1 << 22  # the ports/ directory; ports/vfioN is PORTS_INODE_B
 CONTROL_INODE_BASE = 1 << 23  # the .vfiofs directory and its files
 SYSFS_INODE_BASE = 1 << 24  # sys/ nodes: far above the fixed inodes (100 + device index)
 
-OpenFile = Union[VfioHandle, AttributeFile, TraceFile, PortFile]
 Opener = Callable[[int, pyfuse3.RequestContext], OpenFile]
 
 
