@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import ctypes
 import errno
+import importlib.util
 import json
 import os
 import platform
-import select
 import shutil
 import signal
 import subprocess
@@ -43,6 +43,16 @@ def _source_tree() -> Path:
     return Path(os.environ.get("VFIOFS_BENCH_SRC", REPO)).resolve()
 
 
+def _own_mounting():
+    """vfiofs/host/mounting.py of this harness's tree (standard library only), whichever tree --src measures."""
+    spec = importlib.util.spec_from_file_location("vfiofs_bench_mounting", REPO / "vfiofs" / "host" / "mounting.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+mounting = _own_mounting()
 SRC = _source_tree()
 os.environ["VFIOFS_BENCH_SRC"] = str(SRC)
 sys.path.insert(0, str(SRC))
@@ -187,15 +197,13 @@ def interleaved(candidates: dict[str, Callable[[int], list[int]]], n: int, round
 # servers: started as children, always stopped and unmounted
 # ------------------------------------------------------------------------------------------
 
-def is_mounted(path: Path) -> bool:
-    target = os.fsencode(os.path.realpath(path))
-    with open("/proc/self/mounts", "rb") as mounts:
-        return any(line.split()[1] == target for line in mounts if len(line.split()) > 1)
-
-
 class Server:
-    def __init__(self, kind: str, process: subprocess.Popen, mountpoint: Path, log: Path, ready_ns: int) -> None:
-        self.kind, self.process, self.mountpoint, self.log, self.ready_ns = kind, process, mountpoint, log, ready_ns
+    """A FUSE server the harness started (vfiofs, the C server or bare pyfuse3) and its mount."""
+
+    def __init__(self, kind: str, daemon) -> None:
+        self.kind, self.daemon = kind, daemon
+        self.process, self.mountpoint, self.log = daemon.process, daemon.mountpoint, daemon.log
+        self.ready_ns = daemon.ready_ns  # from process start to its ready report
 
     @property
     def pid(self) -> int:
@@ -223,63 +231,24 @@ class Harness:
         path.mkdir()
         return path
 
-    def _wait_line(self, process: subprocess.Popen, fd: int, log: Path, what: str) -> str:
-        """Read one line from ``fd`` (the child's readiness signal); EOF or timeout is an error."""
-        deadline = time.monotonic() + READY_TIMEOUT
-        data = b""
-        while not data.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise RuntimeError(f"{what}: not ready after {READY_TIMEOUT:.0f} s")
-            chunk = os.read(fd, 256)
-            if not chunk:
-                break
-            data += chunk
-        line = data.decode(errors="replace").strip()
-        if line != "ready":
-            process.wait(timeout=10) if process.poll() is None else None
-            raise RuntimeError(f"{what} failed to start: {line!r}; log: {log.read_text(errors='replace')[-2000:]}")
-        return line
-
-    def _register(self, kind: str, process: subprocess.Popen, mountpoint: Path, log: Path) -> Server:
-        server = Server(kind, process, mountpoint, log, 0)
-        self.servers.append(server)  # registered before waiting, so close() always sees it
+    def _register(self, kind: str, daemon) -> Server:
+        server = Server(kind, daemon)
+        self.servers.append(server)
         return server
 
     def start_vfiofs(self, devices: Path | None = None, pythonpath: Path | None = None) -> Server:
         mountpoint = self._mountpoint("vfiofs")
-        log = mountpoint.with_suffix(".log")
-        read_end, write_end = os.pipe()
-        command = [sys.executable, "-m", "vfiofs", "mount", "-f", "--ready-fd", str(write_end), str(mountpoint)]
         if devices is None and SRC != REPO and (SRC / "devices").is_dir():
             devices = SRC / "devices"  # the bundled package would resolve to the installed (editable) repo
-        if devices is not None:
-            command += ["--devices", str(devices)]
-        with open(log, "wb") as log_file:
-            t0 = pc()
-            env = None if pythonpath is None else dict(os.environ, PYTHONPATH=str(pythonpath))
-            process = subprocess.Popen(command, pass_fds=(write_end,), cwd=SRC, stdin=subprocess.DEVNULL,
-                                       stdout=log_file, stderr=log_file, env=env)
-        os.close(write_end)
-        server = self._register("vfiofs", process, mountpoint, log)
-        try:
-            self._wait_line(process, read_end, log, "vfiofs")
-            server.ready_ns = pc() - t0
-        finally:
-            os.close(read_end)
-        return server
+        daemon = mounting.start(mountpoint, devices=devices, pythonpath=() if pythonpath is None else (pythonpath,),
+                                log=mountpoint.with_suffix(".log"), cwd=SRC, timeout=READY_TIMEOUT)
+        return self._register("vfiofs", daemon)
 
     def _start_stdout_ready(self, kind: str, command: list[str]) -> Server:
         mountpoint = self._mountpoint(kind)
-        log = mountpoint.with_suffix(".log")
-        with open(log, "wb") as log_file:
-            t0 = pc()
-            process = subprocess.Popen(command + [str(mountpoint)], cwd=REPO, stdin=subprocess.DEVNULL,
-                                       stdout=subprocess.PIPE, stderr=log_file)
-        server = self._register(kind, process, mountpoint, log)
-        self._wait_line(process, process.stdout.fileno(), log, kind)
-        server.ready_ns = pc() - t0
-        return server
+        daemon = mounting.launch(command + [str(mountpoint)], mountpoint, ready_fd_option=None,
+                                 log=mountpoint.with_suffix(".log"), cwd=REPO, timeout=READY_TIMEOUT)
+        return self._register(kind, daemon)
 
     def build_c(self) -> Path:
         binary = self.tmp / "cfuse"
@@ -295,19 +264,7 @@ class Harness:
         return self._start_stdout_ready("barepy", [sys.executable, str(BENCH / "bare_pyfuse3.py")])
 
     def stop(self, server: Server) -> None:
-        process = server.process
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout:
-            process.stdout.close()
-        if is_mounted(server.mountpoint):
-            subprocess.run(["fusermount3", "-u", "-z", str(server.mountpoint)], check=False,
-                           stderr=subprocess.DEVNULL)
+        server.daemon.stop(20)
         if server in self.servers:
             self.servers.remove(server)
 
@@ -319,8 +276,8 @@ class Harness:
                 print(f"bench: cleanup of {server.mountpoint}: {exc}", file=sys.stderr)
                 with_kill(server.process)
         for path in sorted(self.tmp.glob("mnt-*")):
-            if path.is_dir() and is_mounted(path):
-                subprocess.run(["fusermount3", "-u", "-z", str(path)], check=False)
+            if path.is_dir() and mounting.is_mounted(path):
+                mounting.lazy_unmount(path)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -696,10 +653,11 @@ def bench_irq(h: Harness, n: int) -> None:
             ep.register(efd, _select.EPOLLIN)
             start(count)
             out = []
-            for _ in range(count):
+            left = count
+            while left > 0:  # a late wake-up may find several signals counted at once
                 ep.poll()
                 woke = time.monotonic_ns()
-                os.eventfd_read(efd)
+                left -= os.eventfd_read(efd)
                 out.append(woke - int.from_bytes(stamp[0:8], "little"))
             ep.close()
             return out
@@ -725,10 +683,11 @@ def bench_irq(h: Harness, n: int) -> None:
     ep = _select.epoll()
     ep.register(efd, _select.EPOLLIN)
     native = []
-    for _ in range(n):
+    left = n
+    while left > 0:
         ep.poll()
         woke = time.monotonic_ns()
-        os.eventfd_read(efd)
+        left -= os.eventfd_read(efd)
         native.append(woke - int.from_bytes(shared[0:8], "little"))
     os.waitpid(pid, 0)
     ep.close()

@@ -31,6 +31,8 @@ from typing import Callable, Iterator
 
 import pytest
 
+from vfiofs.host.mounting import is_mounted as mounted_here  # in this namespace's /proc/self/mounts
+
 from support import REPO
 
 CLONE_NEWNS = 0x00020000
@@ -198,12 +200,6 @@ def expose_python(where: Path) -> None:
         for path, stage in zip(paths, stages):
             path.mkdir(parents=True, exist_ok=True, mode=0o755)
             sh("mount", "--move", stage, path)
-
-
-def mounted_here(path: Path) -> bool:
-    target = os.fsencode(os.path.realpath(path))
-    with open("/proc/self/mounts", "rb") as mounts:
-        return any(line.split()[1] == target for line in mounts)
 
 
 def run_as(uid: int, gid: int, argv: list[str], *, groups: list[int] | None = None, env: dict | None = None,

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+from vfiofs.host.mounting import MountProcess, is_mounted, start  # noqa: F401 (is_mounted: for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,12 +21,6 @@ def errno_of(fn: Callable[..., object], *args: object, **kwargs: object) -> int:
     except OSError as exc:
         return exc.errno
     raise AssertionError(f"{getattr(fn, '__name__', fn)} succeeded, expected an error")
-
-
-def is_mounted(path: Path) -> bool:
-    target = os.fsencode(os.path.realpath(path))
-    with open("/proc/self/mounts", "rb") as mounts:
-        return any(line.split()[1] == target for line in mounts)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -42,8 +35,17 @@ def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 @dataclass
 class Mount:
-    path: Path
-    process: subprocess.Popen
+    """A test's mount: its daemon (a :class:`MountProcess`) and the paths of its nodes."""
+
+    daemon: MountProcess
+
+    @property
+    def path(self) -> Path:
+        return self.daemon.mountpoint
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.daemon.process
 
     def node(self, name: str) -> str:
         return str(self.path / name)
@@ -56,48 +58,21 @@ class Mount:
         return self.node(f"vfio/devices/vfio{index}")
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return self.daemon.alive()
 
 
 def start_mount(mountpoint: Path, devices: Path | None = None, options: tuple[str, ...] = (),
                 user: int | None = None, state_dir: Path | None = None, pythonpath: Path | None = None) -> Mount:
-    """Run ``vfiofs mount -f`` in a child and return once it reports the mount ready."""
-    read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "vfiofs", "mount", "-f", "--ready-fd", str(write_end), str(mountpoint),
-               "--state-dir", str(state_dir or Path(str(mountpoint) + ".state"))]
-    if devices is not None:
-        command += ["--devices", str(devices)]
-    command += [f"-o{opt}" for opt in options]
-    env = None
-    if pythonpath is not None:  # where the daemon finds Python models the definitions name
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(pythonpath),
-                                                                        os.environ.get("PYTHONPATH")])))
-    process = subprocess.Popen(command, pass_fds=(write_end,), cwd=REPO, stderr=subprocess.PIPE, user=user,
-                               env=env)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        status = pipe.read()
-    if status != b"ready\n":
-        process.kill()
-        _, err = process.communicate(timeout=10)
-        raise RuntimeError(f"mount failed: {status!r} {err.decode(errors='replace')}")
-    return Mount(mountpoint, process)
+    """Run ``vfiofs mount -f`` in a child and return once it reports the mount ready
+    (:class:`~vfiofs.host.mounting.MountFailed`, a RuntimeError, if it does not)."""
+    return Mount(start(mountpoint, devices=devices, state_dir=state_dir or Path(str(mountpoint) + ".state"),
+                       options=options, pythonpath=() if pythonpath is None else (pythonpath,), user=user,
+                       cwd=REPO))
 
 
 def stop_mount(mount: Mount) -> int:
-    """SIGTERM the daemon, wait for it, and make sure the mount is gone."""
-    if mount.alive():
-        mount.process.send_signal(signal.SIGTERM)
-    try:
-        mount.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        mount.process.kill()
-        mount.process.wait()
-    if mount.process.stderr:
-        mount.process.stderr.close()
-    if is_mounted(mount.path):
-        subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False)
-    return mount.process.returncode
+    """SIGTERM the daemon, wait for it, and make sure the mount is gone; its exit status."""
+    return mount.daemon.stop()
 
 
 NOBODY = 65534

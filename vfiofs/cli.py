@@ -18,13 +18,14 @@ import json
 import grp
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+from vfiofs.host import mounting
+from vfiofs.host.mounting import mount_type  # a name of this module: clean_stale_mount looks it up here
 from vfiofs.models.definitions import DefinitionError, bundled_directory, load_directory
 
 FUSE_DEVICE = Path("/dev/fuse")
@@ -128,26 +129,6 @@ def clean_stale_mount(path: Path) -> None:
         raise CliError(f"{path} is a stale mount (daemon gone) that cannot be cleaned up: {detail}")
     print(f"vfiofs: {path} was a stale mount (daemon gone); cleaned it up and mounting again",
           file=sys.stderr, flush=True)
-
-
-def mount_type(path: Path) -> str | None:
-    """The filesystem type of the top-most mount at ``path``, from /proc/self/mountinfo (None: none)."""
-    absolute = os.path.abspath(path)
-    parent, name = os.path.split(absolute)
-    target = os.fsencode(os.path.join(os.path.realpath(parent), name))  # never stat the dead mount itself
-    found = None
-    try:
-        with open("/proc/self/mountinfo", "rb") as mountinfo:
-            for line in mountinfo:
-                fields = line.split()
-                if b"-" not in fields[6:]:
-                    continue
-                point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), fields[4])
-                if point == target:
-                    found = fields[fields.index(b"-", 6) + 1].decode(errors="replace")
-    except (OSError, IndexError):
-        return None
-    return found
 
 
 def check_fuse_device() -> None:
@@ -257,33 +238,20 @@ def _run_foreground(args, mountpoint: Path, definitions, options: list[str], gid
 
 def _spawn_background(args, mountpoint: Path, devices: Path, options: list[str], gid: int, mode: int) -> int:
     """Start the daemon as a detached child and return once its mount answers."""
-    read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "vfiofs", "mount", "-f", "--ready-fd", str(write_end),
-               "--devices", str(devices.resolve()), "--state-dir", str(args.state_dir.resolve()),
-               "--group", str(gid), "--mode", f"{mode:04o}", str(mountpoint)]
-    command += [f"-o{opt}" for opt in options]
-    if args.debug:
-        command.append("--debug")
     try:
-        log = open(args.log, "ab") if args.log else subprocess.DEVNULL
+        log = open(args.log if args.log else os.devnull, "ab")
     except OSError as exc:
-        os.close(read_end)
-        os.close(write_end)
         raise CliError(f"cannot open the log file {args.log}: {exc.strerror}") from None
-    try:
-        subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=log,
-                         stderr=log, start_new_session=True)
-    finally:
-        os.close(write_end)
-        if args.log:
-            log.close()
-    with os.fdopen(read_end, "rb") as pipe:
-        status = pipe.read().decode(errors="replace").strip()
-    if status == "ready":
-        return 0
-    if status.startswith("error: "):
-        raise CliError(status[len("error: "):])
-    raise CliError("the daemon exited before the mount was ready: run with -f to see why")
+    with log:
+        try:
+            mounting.start(mountpoint, devices=devices.resolve(), state_dir=args.state_dir.resolve(),
+                           options=options, group=gid, mode=mode, debug=args.debug, log=log, detach=True,
+                           timeout=None)
+        except mounting.MountFailed as exc:
+            if exc.reported is not None:
+                raise CliError(exc.reported) from None
+            raise CliError("the daemon exited before the mount was ready: run with -f to see why") from None
+    return 0
 
 
 def cmd_umount(args: argparse.Namespace) -> int:

@@ -11,9 +11,9 @@ Each test gets its own temporary directory with a mount point, a definitions dir
 and a state directory, and its own daemon (``python -m vfiofs mount -f``, the same
 interpreter as pytest). Nothing is shared between tests, so ``pytest -n auto``
 (pytest-xdist) works. The mount is always taken down at teardown: when the test passes,
-fails, raises, or is interrupted (Ctrl-C). The daemon gets SIGTERM, then the mount is
-lazily unmounted (``fusermount3 -u -z``) if it is still there, then the daemon is killed
-if it still runs. If the daemon exits on its own with an error during the test, teardown
+fails, raises, or is interrupted (Ctrl-C). The daemon gets SIGTERM, then it is killed if
+it still runs after 20 s, then the mount is lazily unmounted (``fusermount3 -u -z``) if it
+is still there. If the daemon exits on its own with an error during the test, teardown
 reports it. When a test fails, its report includes the daemon's log.
 
 The fixture's object (:class:`VfiofsMount`):
@@ -50,26 +50,26 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import pytest
 
+from vfiofs.host import mounting
+from vfiofs.host.mounting import MountFailed, MountProcess, is_mounted, last_message
+
 if TYPE_CHECKING:
     from vfiofs.client import IommuFd, VfioDevice
 
 MARK_DEVICES = "vfiofs_devices"
 MARK_PYTHONPATH = "vfiofs_pythonpath"
-READY_TIMEOUT = 60.0  # seconds for the daemon to report the mount ready
-STOP_TIMEOUT = 20.0  # seconds for the daemon to unmount and exit after SIGTERM
+READY_TIMEOUT = mounting.READY_TIMEOUT  # seconds for the daemon to report the mount ready
+STOP_TIMEOUT = mounting.STOP_TIMEOUT  # seconds for the daemon to unmount and exit after SIGTERM
 LOG_LINES = 200  # how much of the daemon's log a failed test's report shows
 
 _ACTIVE = pytest.StashKey["VfiofsMount"]()
@@ -103,12 +103,13 @@ class VfiofsMount:
     """A running vfiofs mount of one test (the ``vfiofs`` fixture's value)."""
 
     def __init__(self, path: Path, definitions: Path, state_dir: Path, log: Path,
-                 process: subprocess.Popen) -> None:
+                 process: subprocess.Popen, daemon: MountProcess | None = None) -> None:
         self.path = path
         self.definitions = definitions
         self.state_dir = state_dir
         self.log = log
         self.process = process
+        self._daemon = daemon  # stops the daemon and clears the mount at teardown
         self._iommufd: IommuFd | None = None
         self._bound: list[VfioDevice] = []
 
@@ -190,20 +191,18 @@ def vfiofs(request: pytest.FixtureRequest) -> Iterator[VfiofsMount]:
     base = Path(tempfile.mkdtemp(prefix="vfiofs-")).resolve()
     mountpoint, state_dir, log = base / "mnt", base / "state", base / "daemon.log"
     mount: VfiofsMount | None = None
-    process: subprocess.Popen | None = None
     died = ""  # why the daemon ended on its own during the test
     try:
         mountpoint.mkdir()
         state_dir.mkdir()
         definitions, origins = _definitions(item.get_closest_marker(MARK_DEVICES), base, here)
         pythonpath = _pythonpath(item.get_closest_marker(MARK_PYTHONPATH), here)
-        process, ready = _spawn(mountpoint, definitions, state_dir, log, pythonpath, cwd=base)
-        _wait_ready(process, ready, mountpoint, log, origins)
-        mount = VfiofsMount(mountpoint, definitions, state_dir, log, process)
+        daemon = _start(mountpoint, definitions, state_dir, log, pythonpath, base, origins)
+        mount = VfiofsMount(mountpoint, definitions, state_dir, log, daemon.process, daemon)
         item.stash[_ACTIVE] = mount
         yield mount
-        if process.poll():
-            code = process.returncode
+        code = daemon.returncode
+        if code:
             how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
             died = f"the vfiofs daemon {how} during the test (its last message: {_last_line(log)})"
     finally:
@@ -212,12 +211,12 @@ def vfiofs(request: pytest.FixtureRequest) -> Iterator[VfiofsMount]:
                 mount._close_handles()
         finally:
             try:
-                if process is not None:
-                    _stop(process, mountpoint)
+                if mount is not None and mount._daemon is not None:
+                    mount._daemon.stop(STOP_TIMEOUT)
             finally:
                 if _ACTIVE in item.stash:
                     del item.stash[_ACTIVE]
-                if not _is_mounted(mountpoint):
+                if not is_mounted(mountpoint):
                     shutil.rmtree(base, ignore_errors=True)
     if died:
         pytest.fail(died, pytrace=False)
@@ -382,100 +381,28 @@ def _pythonpath(marker: pytest.Mark | None, here: Path) -> list[Path]:
 
 # -- the daemon --------------------------------------------------------------------------------
 
-def _spawn(mountpoint: Path, definitions: Path, state_dir: Path, log: Path, pythonpath: list[Path],
-           cwd: Path) -> tuple[subprocess.Popen, int]:
-    """Start ``vfiofs mount -f`` (messages into ``log``); returns it and the read end of its ready pipe."""
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = os.pathsep.join([*map(str, pythonpath), *filter(None, [env.get("PYTHONPATH")])])
-    read_end, write_end = os.pipe()
-    command = [sys.executable, "-m", "vfiofs", "mount", "-f", "--ready-fd", str(write_end),
-               "--devices", str(definitions), "--state-dir", str(state_dir), str(mountpoint)]
+def _start(mountpoint: Path, definitions: Path, state_dir: Path, log: Path, pythonpath: list[Path], cwd: Path,
+           origins: dict[str, str]) -> MountProcess:
+    """Start ``vfiofs mount -f`` (messages into ``log``) and return once the mount is ready;
+    otherwise fail the test with the daemon's one-line error."""
     try:
-        with open(log, "wb") as out:
-            process = subprocess.Popen(command, pass_fds=(write_end,), stdin=subprocess.DEVNULL, stdout=out,
-                                       stderr=subprocess.STDOUT, cwd=cwd, env=env)
-    except BaseException:
-        os.close(read_end)
-        raise
-    finally:
-        os.close(write_end)
-    return process, read_end
-
-
-def _wait_ready(process: subprocess.Popen, ready: int, mountpoint: Path, log: Path, origins: dict[str, str]) -> None:
-    """Return once the daemon reports the mount ready; otherwise fail the test with its one-line error."""
-    status = b""
-    deadline = time.monotonic() + READY_TIMEOUT
-    with os.fdopen(ready, "rb", buffering=0) as pipe:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                pytest.fail(f"vfiofs did not mount {mountpoint} within {READY_TIMEOUT:.0f} s: {_last_line(log)}",
-                            pytrace=False)
-            if select.select([pipe], [], [], remaining)[0]:
-                chunk = pipe.read(4096)
-                if not chunk:
-                    break
-                status += chunk
-    if status == b"ready\n":
-        return
-    try:
-        process.wait(timeout=STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        pass
-    text = status.decode(errors="replace").strip()
-    reason = text[len("error: "):] if text.startswith("error: ") else _last_line(log)
-    for file, origin in origins.items():
-        reason = reason.replace(file, origin)
-    pytest.fail(f"vfiofs did not mount: {reason}", pytrace=False)
+        return mounting.start(mountpoint, devices=definitions, state_dir=state_dir, pythonpath=pythonpath, log=log,
+                              cwd=cwd, timeout=READY_TIMEOUT)
+    except MountFailed as exc:
+        if exc.timed_out:
+            failure = f"vfiofs did not mount {mountpoint} within {READY_TIMEOUT:.0f} s: {_last_line(log)}"
+        else:
+            reason = exc.reported if exc.reported is not None else _last_line(log)
+            for file, origin in origins.items():
+                reason = reason.replace(file, origin)
+            failure = f"vfiofs did not mount: {reason}"
+    pytest.fail(failure, pytrace=False)
 
 
 def _last_line(log: Path) -> str:
     """The daemon's one-line error ("vfiofs: ..."), or its last message."""
     try:
-        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+        text = log.read_text(errors="replace")
     except OSError:
-        lines = []
-    for line in reversed(lines):
-        if line.startswith("vfiofs: "):
-            return line[len("vfiofs: "):]
-    return lines[-1] if lines else "no message (see the daemon's exit status)"
-
-
-def _stop(process: subprocess.Popen, mountpoint: Path) -> None:
-    """SIGTERM, wait; lazy unmount if still mounted; kill as the last resort."""
-    try:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-    finally:
-        try:
-            if _is_mounted(mountpoint):
-                _lazy_unmount(mountpoint)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            if _is_mounted(mountpoint):
-                _lazy_unmount(mountpoint)
-
-
-def _lazy_unmount(mountpoint: Path) -> None:
-    if shutil.which("fusermount3"):
-        command = ["fusermount3", "-u", "-z", str(mountpoint)]
-    else:
-        command = ["umount", "-l", str(mountpoint)]
-    subprocess.run(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   check=False)
-
-
-def _is_mounted(path: Path) -> bool:
-    target = os.fsencode(os.path.realpath(path))
-    for char, escaped in ((b"\\", b"\\134"), (b" ", b"\\040"), (b"\t", b"\\011"), (b"\n", b"\\012")):
-        target = target.replace(char, escaped)  # as the kernel writes them in /proc/self/mounts
-    with open("/proc/self/mounts", "rb") as mounts:
-        return any(line.split()[1] == target for line in mounts if line.strip())
+        text = ""
+    return last_message(text) or "no message (see the daemon's exit status)"

@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 
+from vfiofs.host.mounting import MountEntry, mount_table
+
 REPO = Path(__file__).resolve().parents[2]
 FIGURE_KEYS = {"name", "unit", "median", "p90", "n", "baseline", "baseline_median", "ratio", "target", "met"}
 MACHINE_KEYS = {"kernel", "cpu", "nproc", "python", "pyfuse3", "libfuse"}
 NOT_IMPLEMENTED: set[str] = set()  # every figure is measured now
 
 
-def fuse_mounts() -> list[str]:
-    with open("/proc/self/mounts") as mounts:
-        return [line for line in mounts if "vfiofs-bench-" in line]
+def fuse_mounts() -> list[MountEntry]:
+    return [entry for entry in mount_table() if b"vfiofs-bench-" in entry.point]
 
 
 @pytest.mark.skipif(not Path("/dev/fuse").exists(), reason="needs /dev/fuse")

@@ -12,6 +12,7 @@ import pytest
 
 from support import REPO, errno_of, is_mounted, start_mount, stop_mount, wait_until
 from vfiofs import cli
+from vfiofs.host.mounting import find_mount, lazy_unmount
 
 
 def vfiofs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -175,7 +176,7 @@ def test_stale_mount_after_a_daemon_crash_is_explained(tmp_path):
         assert result.returncode == 0, result.stderr
     finally:
         if is_mounted(mnt):
-            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+            lazy_unmount(mnt)
     assert wait_until(lambda: not is_mounted(mnt))
 
 
@@ -252,8 +253,8 @@ def test_mount_helper_form(tmp_path):
     try:
         assert os.listdir(mnt / "vfio/devices") == ["vfio0"]
         assert os.stat(mnt / "vfio/devices/vfio0").st_mode & 0o777 == 0o640
-        options = next(line.split()[3] for line in open("/proc/self/mounts") if line.split()[1] == str(mnt))
-        assert "allow_other" in options.split(",") and {"nosuid", "nodev"} <= set(options.split(","))
+        options = set(find_mount(mnt).options)
+        assert "allow_other" in options and {"nosuid", "nodev"} <= options
     finally:
         assert vfiofs("umount", str(mnt)).returncode == 0
     assert cli.mount_helper_argv(["bundled", "/m", "-o", "ro"]) == ["mount", "/m", "--devices", "bundled", "-o", "ro"]

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from namespaces import daemon_pid, mounted_here, needs_root, run_isolated, scratch, sh, unused_gid, vfiofs_command
+from vfiofs.host.mounting import find_mount
 
 pytestmark = [needs_root, pytest.mark.skipif(not shutil.which("mount.fuse3") and not shutil.which("mount.fuse"),
                                              reason="needs mount.fuse3 (the fuse3 package)")]
@@ -39,8 +40,8 @@ def _vfiofs_on_the_helpers_path(where: Path) -> None:
 
 
 def _mount_options(mnt: Path) -> tuple[str, set[str]]:
-    fields = next(line.split() for line in open("/proc/self/mounts") if line.split()[1] == str(mnt))
-    return fields[2], set(fields[3].split(","))
+    entry = find_mount(mnt)
+    return entry.fstype, set(entry.options)
 
 
 def _umount_stops_the_daemon(mnt: Path) -> None:

@@ -26,6 +26,7 @@ from namespaces import (allow_user_allow_other, daemon_pid, expose_python, mount
                         open_dev_fuse, python_as, run_as, run_isolated, scratch, temporary_user, user_env,
                         user_home, vfiofs_command)
 from support import NOBODY
+from vfiofs.host.mounting import find_mount
 
 pytestmark = [needs_root, pytest.mark.skipif(not shutil.which("fusermount3"), reason="needs fusermount3")]
 
@@ -96,8 +97,8 @@ def _ordinary_user_mounts_and_unmounts(user: pwd.struct_passwd) -> None:
     _mount(user, mnt, env)  # background mode: returns once the mount answers
     daemon = daemon_pid(mnt)
     assert daemon is not None and os.stat(f"/proc/{daemon}").st_uid == user.pw_uid
-    fields = next(line.split() for line in open("/proc/self/mounts") if line.split()[1] == str(mnt))
-    assert fields[2] == "fuse.vfiofs" and f"user_id={user.pw_uid}" in fields[3]
+    entry = find_mount(mnt)
+    assert entry.fstype == "fuse.vfiofs" and f"user_id={user.pw_uid}" in entry.options
 
     listing = python_as(user.pw_uid, user.pw_gid, r"""
 import os, stat, sys

@@ -32,6 +32,7 @@ from namespaces import (expose_python, mounted_here, needs_root, open_dev_fuse, 
                         scratch, temporary_user, unused_gid, user_env, user_home, vfiofs_command)
 from support import NOBODY, REPO, is_mounted
 from vfiofs.host import daemon
+from vfiofs.host.mounting import find_mount, lazy_unmount
 
 SYSTEM_UNIT = REPO / "systemd" / "vfiofs.service"
 USER_UNIT = REPO / "systemd" / "vfiofs@.service"
@@ -151,7 +152,7 @@ def _stop(process: subprocess.Popen, mnt: Path) -> None:
         process.kill()
         process.wait()
     if is_mounted(mnt):
-        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+        lazy_unmount(mnt)
 
 
 # -- the unit files ---------------------------------------------------------------------------
@@ -272,8 +273,7 @@ def test_system_unit_is_ready_only_once_the_mount_answers(tmp_path):
             assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, gid, 0o660), node
         container = os.stat(mnt / "vfio/vfio")
         assert (container.st_gid, stat.S_IMODE(container.st_mode)) == (gid, 0o666)
-        options = next(line.split()[3] for line in open("/proc/self/mounts") if line.split()[1] == str(mnt))
-        assert {"allow_other", "default_permissions"} <= set(options.split(","))
+        assert {"allow_other", "default_permissions"} <= set(find_mount(mnt).options)
         assert capabilities(process.pid) == ({"CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE"}, True)
 
         process.send_signal(signal.SIGTERM)  # systemctl stop
