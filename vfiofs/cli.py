@@ -26,7 +26,7 @@ from typing import NoReturn, Sequence
 
 from vfiofs.host import mounting
 from vfiofs.host.mounting import mount_type  # a name of this module: clean_stale_mount looks it up here
-from vfiofs.models.definitions import DefinitionError, bundled_directory, load_directory
+from vfiofs.host.definitions import DefinitionError, bundled_directory, load_directory
 
 FUSE_DEVICE = Path("/dev/fuse")
 COMMANDS = ("mount", "umount", "validate", "ls", "trace")

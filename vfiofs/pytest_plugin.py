@@ -235,7 +235,7 @@ class _Entry:
 
 def _definitions(marker: pytest.Mark | None, base: Path, here: Path) -> tuple[Path, dict[str, str]]:
     """The directory the daemon serves, and {file in it: where that definition came from}."""
-    from vfiofs.models.definitions import bundled_directory
+    from vfiofs.host.definitions import bundled_directory
 
     if marker is None:
         return bundled_directory(), {}

@@ -66,7 +66,7 @@ def mounts(pytester: pytest.Pytester) -> list[Path]:
 def test_default_bundled_devices(pytester: pytest.Pytester) -> None:
     write_tests(pytester, """
         from vfiofs.client import IommuFd, VfioDevice
-        from vfiofs.models.definitions import bundled_directory
+        from vfiofs.host.definitions import bundled_directory
 
         def test_bundled(vfiofs):
             record(vfiofs)

@@ -16,7 +16,7 @@ import pytest
 from support import as_nobody, errno_of, mounted
 from vfiofs.pci import sysfs
 from vfiofs.host.daemon import build_server
-from vfiofs.models.definitions import bundled_directory, load_directory
+from vfiofs.host.definitions import bundled_directory, load_directory
 from vfiofs.pci.config import PciConfigSpace
 from vfiofs.models.spec import BarSpec, DeviceSpec, PciIdentity
 

@@ -1,4 +1,4 @@
-"""Unit tests of device definitions (vfiofs.models.definitions).
+"""Unit tests of device definitions (vfiofs.host.definitions).
 
 A definition that is wrong must be refused before anything mounts, with a one-line
 message that names the file and the field: ``<path>: <field>: <reason>`` (file-level
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from vfiofs.models.definitions import (
+from vfiofs.host.definitions import (
     DEFAULT_IDENTITY,
     Definition,
     DefinitionError,

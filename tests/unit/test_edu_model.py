@@ -14,7 +14,7 @@ import pytest
 
 from vfiofs import abi
 from vfiofs.models.api import DmaFault, InterruptSink, ModelContext
-from vfiofs.models.definitions import bundled_directory, load_definition
+from vfiofs.host.definitions import bundled_directory, load_definition
 from vfiofs.models.edu import EduDevice, factorial32
 from vfiofs.models.timers import ManualScheduler
 

@@ -16,7 +16,7 @@ from vfiofs.errors import VfioError
 from vfiofs.fs.operations import VfioOperations
 from vfiofs.fs.tree import CONTROL_INODE_BASE
 from vfiofs.host.daemon import build_server
-from vfiofs.models.definitions import bundled_directory, load_directory
+from vfiofs.host.definitions import bundled_directory, load_directory
 
 CTX = pyfuse3.RequestContext()
 STATUS, TRACE = CONTROL_INODE_BASE + 1, CONTROL_INODE_BASE + 2

@@ -19,7 +19,7 @@ from vfiofs import abi
 from vfiofs.abi import protocol
 from vfiofs.abi import VFIO_PCI_INDEX_TO_OFFSET, vfio_device_bind_iommufd
 from vfiofs.host.daemon import build_server
-from vfiofs.models.definitions import bundled_directory, load_directory
+from vfiofs.host.definitions import bundled_directory, load_directory
 from vfiofs.errors import ERRNO_MAX, ERRNO_MIN, VfioError
 from vfiofs.fs.operations import VfioOperations
 from vfiofs.abi.protocol import ARG_BUFFER, FD_HANDLE, OP_IOCTL, FdRef, Request

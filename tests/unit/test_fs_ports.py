@@ -14,7 +14,7 @@ from vfiofs.errors import VfioError
 from vfiofs.fs.operations import VfioOperations
 from vfiofs.fs.tree import PORTS_INODE_BASE
 from vfiofs.host.daemon import build_server
-from vfiofs.models.definitions import bundled_directory, load_directory
+from vfiofs.host.definitions import bundled_directory, load_directory
 
 RBR = THR = 0
 UART = 3  # devices/uart.toml sorts after showcase.toml: vfio3

@@ -13,7 +13,7 @@ import pytest
 from vfiofs.errors import VfioError
 from vfiofs.fs.operations import VfioOperations
 from vfiofs.host.daemon import build_server
-from vfiofs.models.definitions import bundled_directory, load_directory
+from vfiofs.host.definitions import bundled_directory, load_directory
 from vfiofs.pci import sysfs
 
 BDFS = ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0", "0000:00:04.0", "0000:00:05.0"]

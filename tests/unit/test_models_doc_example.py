@@ -11,7 +11,7 @@ import pytest
 
 from vfiofs import abi
 from vfiofs.models.api import InterruptSink, ModelContext
-from vfiofs.models.definitions import load_definition
+from vfiofs.host.definitions import load_definition
 from vfiofs.models.timers import ManualScheduler
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "models.md"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from vfiofs.models.api import InterruptSink, ModelContext
-from vfiofs.models.definitions import bundled_directory, load_definition
+from vfiofs.host.definitions import bundled_directory, load_definition
 from vfiofs.models.uart import Uart16550
 
 RBR = THR = DLL = 0

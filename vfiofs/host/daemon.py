@@ -23,7 +23,7 @@ from typing import Callable, Iterator, Sequence
 import pyfuse3
 import trio
 
-from vfiofs.models.definitions import Definition
+from vfiofs.host.definitions import Definition
 from vfiofs.host.fdpass import FdChannel
 from vfiofs.models.api import DeviceModel, ModelContext
 from vfiofs.host.tasks import TrioScheduler

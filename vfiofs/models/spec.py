@@ -1,6 +1,6 @@
 """What a device definition describes, parsed and checked: identity, BARs, ROM, capabilities.
 
-A :class:`DeviceSpec` is pure data. The TOML loader (:mod:`vfiofs.models.definitions`) builds it;
+A :class:`DeviceSpec` is pure data. The TOML loader (:mod:`vfiofs.host.definitions`) builds it;
 the config space, the region backing, the sysfs tree and device models read it.
 """
 

@@ -1,5 +1,9 @@
 """Device definitions: TOML files in a devices directory, checked before anything mounts.
 
+Host layer: it reads the definition files, their ROM images and the Python modules of the
+models they name, once, at startup; what it produces (:class:`Definition`, a
+:class:`~vfiofs.models.spec.DeviceSpec` and a model factory) is pure data for the layers below.
+
 One file defines one device; files are taken in name order and become vfio0, vfio1, …
 A definition that is wrong is refused with the file, the field and the reason, e.g.
 ``devices/ram.toml: bar[0].size: must be a power of two from 4096 to 1073741824, got 1000``.
@@ -18,6 +22,7 @@ from typing import Any, Callable
 
 from vfiofs.models.api import DeviceModel, ModelContext
 from vfiofs.models.registry import BUILTIN_MODELS
+from vfiofs.pci.config import layout_capabilities
 from vfiofs.models.spec import ACCESS_KINDS, CAPABILITY_KINDS, PAGE_SIZE, BarSpec, Capability, DeviceSpec, PciIdentity, Register
 
 if sys.version_info >= (3, 11):
@@ -356,8 +361,6 @@ def load_definition(path: Path) -> Definition:
                       rom=_rom(reader, data), capabilities=_capabilities(reader, data, bars), source=path,
                       iommu_group=group)
     try:
-        from vfiofs.pci.config import layout_capabilities
-
         layout_capabilities(spec)
     except ValueError as exc:
         raise reader.fail("capability", str(exc)) from None
@@ -402,5 +405,5 @@ def bundled_directory() -> Path:
     try:
         from vfiofs import devices  # type: ignore[attr-defined]
     except ImportError:  # running from a source tree that was not installed
-        return Path(__file__).resolve().parent.parent / "devices"
+        return Path(__file__).resolve().parents[2] / "devices"
     return Path(devices.__file__).parent
