@@ -34,7 +34,7 @@ import pyfuse3
 
 from vfiofs.pci import sysfs
 from vfiofs.errors import VfioError
-from vfiofs.core.mailbox import Server
+from vfiofs.core.mailbox import Mailbox
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class VfioOperations(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, server: Server, uid: int, gid: int, file_mode: int = 0o600) -> None:
+    def __init__(self, server: Mailbox, uid: int, gid: int, file_mode: int = 0o600) -> None:
         super().__init__()
         self.server = server
         self.trace = log.isEnabledFor(logging.DEBUG)  # --debug: one line per request

@@ -191,6 +191,8 @@ class VfioPciDevice:
         return abi.VFIO_PCI_NUM_REGIONS
 
     def ioctl(self, request: int, arg: UserBuffer, files: Mapping[int, object] = {}) -> int:
+        if not isinstance(arg, UserBuffer):  # SHIM (core branch): DeviceDriver.ioctl(request, arg: IoctlArg)
+            arg, files = arg.buf, arg.files
         if request == abi.VFIO_DEVICE_GET_INFO:
             return self._get_info(arg)
         if request == abi.VFIO_DEVICE_GET_IRQ_INFO:

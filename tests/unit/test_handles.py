@@ -1,6 +1,6 @@
 """Unit tests of the handle state machine and iommufd objects, driven through the sans-I/O server.
 
-No FUSE here: requests are encoded with the real codec and fed to Server.write/read,
+No FUSE here: requests are encoded with the real codec and fed to Mailbox.write/read,
 exactly as the adapter does, so every rule is checked in microseconds.
 """
 
@@ -14,11 +14,12 @@ import pytest
 from vfiofs import abi
 from vfiofs.abi import protocol
 from vfiofs.errors import VfioError
-from vfiofs.iommu.iommufd import Ioas
+from vfiofs.iommu.iommufd import Ioas, IommufdContext
+from vfiofs.iommu.type1 import Type1Container
 from vfiofs.models.api import DeviceModel
 from vfiofs.models.spec import BarSpec, DeviceSpec, PciIdentity
 from vfiofs.abi.protocol import ARG_BUFFER, ARG_NULL, ARG_VALUE, FD_FOREIGN, FD_HANDLE, FdRef, Request
-from vfiofs.core.mailbox import Server
+from vfiofs.core.mailbox import Mailbox
 from vfiofs.core.handles import Device, DeviceFile, HandleState
 from vfiofs.pci.vfio_pci import VfioPciDevice
 
@@ -53,15 +54,19 @@ class SpyModel(DeviceModel):
         super().reset()
 
 
+def make_mailbox(devices) -> Mailbox:
+    return Mailbox(devices, iommufd=IommufdContext, container=Type1Container)
+
+
 class World:
     """A server with two spy devices and helpers that speak the wire protocol."""
 
     def __init__(self) -> None:
         self.models = [SpyModel(), SpyModel()]
-        self.server = Server([Device(i, f"dev{i}", VfioPciDevice(m)) for i, m in enumerate(self.models)])
+        self.server = make_mailbox([Device(i, f"dev{i}", VfioPciDevice(m)) for i, m in enumerate(self.models)])
 
     def token(self, fh: int) -> bytes:
-        return self.server._files[fh].token
+        return self.server.token(fh)
 
     def call(self, fh: int, request: int, arg=None, fds=None) -> tuple[int, bytes]:
         if arg is None:
@@ -362,7 +367,7 @@ def test_pending_replies_are_bounded(w):
     token_request = protocol.encode_request(Request(protocol.OP_GET_TOKEN))
     for tag in range(MAX_PENDING_REPLIES + 10):
         w.server.write(iommu, protocol.control_offset(tag), token_request)
-    assert len(w.server._files[iommu].replies) == MAX_PENDING_REPLIES
+    assert w.server.pending_replies(iommu) == MAX_PENDING_REPLIES
     with pytest.raises(VfioError):
         w.server.read(iommu, protocol.control_offset(0), 100)  # the oldest was dropped
     assert w.server.read(iommu, protocol.control_offset(MAX_PENDING_REPLIES + 9), 100)
@@ -386,7 +391,7 @@ class _NoResetModel(DeviceModel):
 
 
 def test_reset_flag_follows_the_model():
-    server = Server([Device(0, "noreset", VfioPciDevice(_NoResetModel(RAM_SPEC)))])
+    server = make_mailbox([Device(0, "noreset", VfioPciDevice(_NoResetModel(RAM_SPEC)))])
     w = World.__new__(World)
     w.server = server
     dev, iommu = server.open_device(0), server.open_iommu()
