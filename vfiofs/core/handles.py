@@ -4,20 +4,20 @@ Reproduces drivers/vfio/device_cdev.c, group.c and vfio_main.c ("vfio: Block dev
 access via device fd until device is opened"). A device handle is in one of four states:
 
     open(vfio/devices/vfioN)
-        │
-        ▼          BIND ok                            RELEASE
-     BLOCKED ─────────────────────► BOUND ──────────────────────────┐
-        │  │                        (cdev: ATTACH/DETACH_PT here)   │
-        │  │  CLAIM of a ticket     RELEASE                         ▼
-        │  └──────────────────────► GRANTED ─────────────────────► CLOSED
-        │                           (from VFIO_GROUP_GET_DEVICE_FD)  ▲
-        └─────────────────────────── RELEASE ────────────────────────┘
+          │
+          ▼        BIND ok
+       BLOCKED ────────────────► BOUND ───────┐    (cdev: ATTACH_PT / DETACH_PT)
+        │   │      CLAIM ok                   │ RELEASE
+        │   └──────────────────► GRANTED ─────┤    (the fd VFIO_GROUP_GET_DEVICE_FD returned)
+        │                                     ▼
+        └──────────── RELEASE ──────────────► CLOSED
 
 BLOCKED refuses everything but BIND (and CLAIM) with EINVAL; a failed BIND or CLAIM
 leaves it BLOCKED with no side effect. BOUND and GRANTED both reach the driver; they
 differ in BIND (already bound / not a cdev handle), in ATTACH_PT/DETACH_PT (cdev-only:
 a GRANTED handle passes them to the driver, which answers ENOTTY) and in RELEASE (unbind
-from the iommufd, or let go of the group). CLOSED refuses everything with EBADF.
+from the iommufd, or let go of the group). CLOSED refuses everything with EBADF but a
+CLAIM (EINVAL, as for any handle that is not fresh) and a second RELEASE (nothing to do).
 
 :data:`TRANSITIONS` below is the whole machine: for each (state, event) the checks, in
 the kernel's order (the first that fails decides the errno), the action once they all
@@ -87,8 +87,10 @@ _BLOCKED = Refuse(errno.EINVAL, "handle is blocked")  # until VFIO_DEVICE_BIND_I
 _NOT_FRESH = Refuse(errno.EINVAL, "only a fresh handle can claim a grant")
 _BIND_ARGS = ("copy_in", "valid_bind_args")  # get_user(argsz), copy_struct_from_user, flags/iommufd < 0
 
+# (state, event) → Transition(checks in the kernel's order, action, state after). A check
+# that cannot fail in a state is left out of that state's row (a BOUND handle's group is
+# never in use: the group could not be opened while the device was bound through its cdev).
 TRANSITIONS: dict[tuple[HandleState, Event], Transition] = {
-    # state    event                  checks, in the kernel's order                     action          then
     (BLOCKED, Event.BIND): Transition(_BIND_ARGS + ("group_not_in_use", "no_vf_token", "iommufd_of_this_mount",
                                                     "device_not_open"), "bind", BOUND),
     (BLOCKED, Event.ATTACH_PT): Transition((_BLOCKED,)),

@@ -191,7 +191,7 @@ class IommufdContext:
         nr = request & 0xFF
         if (request >> 8) & 0xFF != abi.IOMMUFD_TYPE or not abi.IOMMUFD_CMD_BASE <= nr < _TABLE_END:
             return VFIO_COMPAT_IOCTLS.dispatch(self, request, arg)
-        arg.buf.get_u32(0)
+        arg.buf.get_u32(0)  # get_user(size): EFAULT comes before the command lookup
         return IOMMUFD_IOCTLS.dispatch(self, request, arg)
 
     def _api_version(self, arg: IoctlArg, _: None) -> int:
