@@ -15,9 +15,9 @@ access via device fd until device is opened"). A device handle is in one of four
 BLOCKED refuses everything but BIND (and CLAIM) with EINVAL; a failed BIND or CLAIM
 leaves it BLOCKED with no side effect. BOUND and GRANTED both reach the driver; they
 differ in BIND (already bound / not a cdev handle), in ATTACH_PT/DETACH_PT (cdev-only:
-a GRANTED handle passes them to the driver, which answers ENOTTY) and in RELEASE (unbind
-from the iommufd, or let go of the group). CLOSED refuses everything with EBADF but a
-CLAIM (EINVAL, as for any handle that is not fresh) and a second RELEASE (nothing to do).
+a GRANTED handle passes them to the driver, which answers ENOTTY) and in RELEASE (the
+iommufd unbinds it, or it lets go of the group). CLOSED refuses everything with EBADF but
+a CLAIM (EINVAL, as for any handle that is not fresh) and a second RELEASE (nothing to do).
 
 :data:`TRANSITIONS` below is the whole machine: for each (state, event) the checks, in
 the kernel's order (the first that fails decides the errno), the action once they all
