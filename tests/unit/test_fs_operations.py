@@ -1,6 +1,6 @@
 """Unit tests of the pyfuse3 adapter (vfiofs.fs.operations), calling handlers directly.
 
-Nothing is mounted: the handlers are coroutines over a real Server built from the
+Nothing is mounted: the handlers are coroutines over a real Mailbox built from the
 bundled definitions. Besides the tree and attributes, these tests pin the daemon-safety
 rule: whatever goes wrong below a handler, FUSE gets a FUSEError with an errno in 1..511.
 """

@@ -61,7 +61,7 @@ async def test_adapter_readlink(ops):
 
 async def test_adapter_reads_slices_and_never_touches_the_server(ops, monkeypatch):
     def no_server(*args):
-        raise AssertionError("sys/ files must not reach the Server")
+        raise AssertionError("sys/ files must not reach the mailbox")
 
     for name in ("read", "write", "release", "fsync", "open_device", "open_iommu"):
         monkeypatch.setattr(ops.server, name, no_server)

@@ -16,6 +16,9 @@ u32 = ctypes.c_uint32
 s32 = ctypes.c_int32
 u64 = ctypes.c_uint64
 
+#: The page size of every mapping rule (IOMMU, mmap, DMA): x86-64's 4 KiB.
+PAGE_SIZE = 4096
+
 
 def _IO(type_: int, nr: int) -> int:
     """The kernel's _IO(): direction NONE and size 0, as every VFIO/iommufd ioctl."""
@@ -75,6 +78,10 @@ VFIO_UNMAP_ALL = 9
 VFIO_UPDATE_VADDR = 10
 
 
+class vfio_info_cap_header(_Struct):
+    _fields_ = [("id", u16), ("version", u16), ("next", u32)]
+
+
 class vfio_group_status(_Struct):
     _fields_ = [("argsz", u32), ("flags", u32)]
 
@@ -98,6 +105,18 @@ class vfio_iova_range(_Struct):
     _fields_ = [("start", u64), ("end", u64)]
 
 
+class vfio_iommu_type1_info_cap_iova_range(_Struct):
+    """VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE; ``iova_ranges[nr_iovas]`` (vfio_iova_range) follow."""
+
+    _fields_ = [("header", vfio_info_cap_header), ("nr_iovas", u32), ("reserved", u32)]
+
+
+class vfio_iommu_type1_info_dma_avail(_Struct):
+    """VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL: how many more mappings MAP_DMA accepts."""
+
+    _fields_ = [("header", vfio_info_cap_header), ("avail", u32)]
+
+
 class vfio_iommu_type1_dma_map(_Struct):
     _fields_ = [("argsz", u32), ("flags", u32), ("vaddr", u64), ("iova", u64), ("size", u64)]
 
@@ -114,10 +133,6 @@ class vfio_iommu_type1_dma_unmap(_Struct):
 VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP = 1 << 0
 VFIO_DMA_UNMAP_FLAG_ALL = 1 << 1
 VFIO_DMA_UNMAP_FLAG_VADDR = 1 << 2
-
-
-class vfio_info_cap_header(_Struct):
-    _fields_ = [("id", u16), ("version", u16), ("next", u32)]
 
 
 class vfio_device_info(_Struct):
@@ -391,6 +406,8 @@ def _check_layouts() -> None:
         vfio_group_status: 8,
         vfio_iommu_type1_info: 24,
         vfio_iova_range: 16,
+        vfio_iommu_type1_info_cap_iova_range: 16,
+        vfio_iommu_type1_info_dma_avail: 12,
         vfio_iommu_type1_dma_map: 32,
         vfio_iommu_type1_dma_unmap: 24,
     }

@@ -1,60 +1,157 @@
-"""The handle state machine: everything that decides what an open handle may do.
+"""The handle state machine: every rule about what an open handle may do.
 
-Reproduces drivers/vfio/device_cdev.c and vfio_main.c ("vfio: Block device access via
-device fd until device is opened"): opening ``vfio/devices/vfioN`` yields a BLOCKED
-handle; the only request it accepts is VFIO_DEVICE_BIND_IOMMUFD; a successful bind
-makes it BOUND for the rest of its life; release (the last close) makes it CLOSED.
+Reproduces drivers/vfio/device_cdev.c, group.c and vfio_main.c ("vfio: Block device
+access via device fd until device is opened"). A device handle is in one of four states:
 
-    open() ──► BLOCKED ── BIND ok ──► BOUND ── release ──► CLOSED
-                 │  region read/write, any other ioctl → EINVAL
-                 │  BIND fails (any errno) → stays BLOCKED, no side effect
-                 └──────────────────────────── release ──► CLOSED
+    open(vfio/devices/vfioN)
+          │
+          ▼        BIND ok
+       BLOCKED ────────────────► BOUND ───────┐    (cdev: ATTACH_PT / DETACH_PT)
+        │   │      CLAIM ok                   │ RELEASE
+        │   └──────────────────► GRANTED ─────┤    (the fd VFIO_GROUP_GET_DEVICE_FD returned)
+        │                                     ▼
+        └──────────── RELEASE ──────────────► CLOSED
 
-Sans-I/O: no FUSE, no sockets, no clock. The FUSE adapter feeds requests in; the
-device's driver half (:mod:`vfiofs.pci.vfio_pci`) and the iommufd objects
-(:mod:`vfiofs.iommu.iommufd`) are called only when this module has allowed it.
+BLOCKED refuses everything but BIND (and CLAIM) with EINVAL; a failed BIND or CLAIM
+leaves it BLOCKED with no side effect. BOUND and GRANTED both reach the driver; they
+differ in BIND (already bound / not a cdev handle), in ATTACH_PT/DETACH_PT (cdev-only:
+a GRANTED handle passes them to the driver, which answers ENOTTY) and in RELEASE (the
+iommufd unbinds it, or it lets go of the group). CLOSED refuses everything with EBADF but
+a CLAIM (EINVAL, as for any handle that is not fresh) and a second RELEASE (nothing to do).
+
+:data:`TRANSITIONS` below is the whole machine: for each (state, event) the checks, in
+the kernel's order (the first that fails decides the errno), the action once they all
+passed, and the state after it. Checks and actions are methods of :class:`DeviceFile`,
+named in the table. The group, container and iommu nodes have no states of their own
+beyond what their ioctl tables check.
+
+Sans-I/O: no FUSE, no sockets, no clock. The drivers are reached only through the
+Protocols of :mod:`vfiofs.core.ops`, and only when this module has allowed it.
 """
 
 from __future__ import annotations
 
 import enum
 import errno
-from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from vfiofs import abi
+from vfiofs.core.grants import Tickets
+from vfiofs.core.ioctl import Ioctl, IoctlArg, IoctlTable, Style, offsetofend
+from vfiofs.core.ops import DeviceDriver, IommuBinding, IommuContainer, IommuContext
 from vfiofs.errors import VfioError
-from vfiofs.iommu.type1 import Container
-from vfiofs.iommu.iommufd import DeviceObject, IommufdContext
-from vfiofs.host.procmem import ProcessMemory
-from vfiofs.core.usermem import UserBuffer
-from vfiofs.core.ioctl import offsetofend
-from vfiofs.pci.vfio_pci import VfioPciDevice
 
-#: Value of :attr:`IoctlArg.files` for an fd that is open but is not a handle of this mount.
-FOREIGN_FD = object()
-
-
-@dataclass
-class IoctlArg:
-    """Everything an ioctl can see of its caller.
-
-    ``buf`` is the memory the argument points at, ``value`` the argument as an integer
-    (for ioctls that take a value), and ``files`` what the fd numbers of the caller's
-    process refer to: a handle of this mount, :data:`FOREIGN_FD`, or absent (not open).
-    """
-
-    buf: UserBuffer
-    value: int = 0
-    files: Mapping[int, object] = field(default_factory=dict)
-    #: opens the calling process's memory, when the transport could identify the caller
-    process: Callable[[], ProcessMemory] | None = None
+__all__ = ["HandleState", "Event", "TRANSITIONS", "Device", "Group", "DeviceFile",
+           "IommuFile", "ContainerFile", "GroupFile", "GroupGrant"]
 
 
 class HandleState(enum.Enum):
-    BLOCKED = "blocked"
-    BOUND = "bound"
-    CLOSED = "closed"
+    BLOCKED = "blocked"  # opened through the cdev, nothing granted yet
+    BOUND = "bound"  # VFIO_DEVICE_BIND_IOMMUFD succeeded (df->access_granted, cdev)
+    GRANTED = "granted"  # the handle VFIO_GROUP_GET_DEVICE_FD returned (df->group set)
+    CLOSED = "closed"  # released
+
+
+class Event(enum.Enum):
+    BIND = "VFIO_DEVICE_BIND_IOMMUFD"
+    ATTACH_PT = "VFIO_DEVICE_ATTACH_IOMMUFD_PT"
+    DETACH_PT = "VFIO_DEVICE_DETACH_IOMMUFD_PT"
+    DEVICE_IOCTL = "any other ioctl"  # the driver's (vfio_device_ops.ioctl)
+    READ = "region read"
+    WRITE = "region write"
+    MMAP = "region mmap"
+    FSYNC = "fsync"
+    CLAIM = "CLAIM of a GET_DEVICE_FD grant"
+    RELEASE = "release"
+
+
+@dataclass(frozen=True)
+class Refuse:
+    """A check that always fails: where an event ends in this state."""
+
+    errno: int
+    why: str
+
+
+@dataclass(frozen=True)
+class Transition:
+    checks: tuple[str | Refuse, ...] = ()  # DeviceFile method names, in the kernel's order
+    action: str | None = None  # DeviceFile method run once every check passed; its result is the event's
+    then: HandleState | None = None  # the state after the action (None: unchanged)
+
+
+BLOCKED, BOUND, GRANTED, CLOSED = HandleState
+_CLOSED = Refuse(errno.EBADF, "handle is closed")
+_BLOCKED = Refuse(errno.EINVAL, "handle is blocked")  # until VFIO_DEVICE_BIND_IOMMUFD
+_NOT_FRESH = Refuse(errno.EINVAL, "only a fresh handle can claim a grant")
+_BIND_ARGS = ("copy_in", "valid_bind_args")  # get_user(argsz), copy_struct_from_user, flags/iommufd < 0
+
+# (state, event) → Transition(checks in the kernel's order, action, state after). A check
+# that cannot fail in a state is left out of that state's row (a BOUND handle's group is
+# never in use: the group could not be opened while the device was bound through its cdev).
+TRANSITIONS: dict[tuple[HandleState, Event], Transition] = {
+    (BLOCKED, Event.BIND): Transition(_BIND_ARGS + ("group_not_in_use", "no_vf_token", "iommufd_of_this_mount",
+                                                    "device_not_open"), "bind", BOUND),
+    (BLOCKED, Event.ATTACH_PT): Transition((_BLOCKED,)),
+    (BLOCKED, Event.DETACH_PT): Transition((_BLOCKED,)),
+    (BLOCKED, Event.DEVICE_IOCTL): Transition((_BLOCKED,)),
+    (BLOCKED, Event.READ): Transition((_BLOCKED,)),
+    (BLOCKED, Event.WRITE): Transition((_BLOCKED,)),
+    (BLOCKED, Event.MMAP): Transition((_BLOCKED,)),
+    (BLOCKED, Event.FSYNC): Transition((_BLOCKED,)),
+    (BLOCKED, Event.CLAIM): Transition(("grant_for_this_device", "grant_pending"), "claim_grant", GRANTED),
+    (BLOCKED, Event.RELEASE): Transition((), None, CLOSED),
+
+    (BOUND, Event.BIND): Transition(_BIND_ARGS + (Refuse(errno.EINVAL, "handle is already bound"),)),
+    (BOUND, Event.ATTACH_PT): Transition(("copy_in", "valid_attach_flags"), "attach_pt"),
+    (BOUND, Event.DETACH_PT): Transition(("copy_in", "valid_detach_flags"), "detach_pt"),
+    (BOUND, Event.DEVICE_IOCTL): Transition((), "driver_ioctl"),
+    (BOUND, Event.READ): Transition((), "driver_read"),
+    (BOUND, Event.WRITE): Transition((), "driver_write"),
+    (BOUND, Event.MMAP): Transition((), "driver_map_region"),
+    (BOUND, Event.FSYNC): Transition((), "driver_sync"),
+    (BOUND, Event.CLAIM): Transition((_NOT_FRESH,)),
+    (BOUND, Event.RELEASE): Transition((), "unbind", CLOSED),
+
+    (GRANTED, Event.BIND): Transition(_BIND_ARGS + (
+        Refuse(errno.EINVAL, "a handle from VFIO_GROUP_GET_DEVICE_FD cannot BIND"),)),
+    (GRANTED, Event.ATTACH_PT): Transition((), "driver_ioctl"),  # cdev-only ioctls: the driver's ENOTTY
+    (GRANTED, Event.DETACH_PT): Transition((), "driver_ioctl"),
+    (GRANTED, Event.DEVICE_IOCTL): Transition((), "driver_ioctl"),
+    (GRANTED, Event.READ): Transition((), "driver_read"),
+    (GRANTED, Event.WRITE): Transition((), "driver_write"),
+    (GRANTED, Event.MMAP): Transition((), "driver_map_region"),
+    (GRANTED, Event.FSYNC): Transition((), "driver_sync"),
+    (GRANTED, Event.CLAIM): Transition((_NOT_FRESH,)),
+    (GRANTED, Event.RELEASE): Transition((), "leave_group", CLOSED),
+
+    (CLOSED, Event.BIND): Transition((_CLOSED,)),
+    (CLOSED, Event.ATTACH_PT): Transition((_CLOSED,)),
+    (CLOSED, Event.DETACH_PT): Transition((_CLOSED,)),
+    (CLOSED, Event.DEVICE_IOCTL): Transition((_CLOSED,)),
+    (CLOSED, Event.READ): Transition((_CLOSED,)),
+    (CLOSED, Event.WRITE): Transition((_CLOSED,)),
+    (CLOSED, Event.MMAP): Transition((_CLOSED,)),
+    (CLOSED, Event.FSYNC): Transition((_CLOSED,)),
+    (CLOSED, Event.CLAIM): Transition((_NOT_FRESH,)),
+    (CLOSED, Event.RELEASE): Transition(),  # a second release: nothing left to undo
+}
+
+
+@dataclass
+class Call:
+    """One event's inputs, and what its checks found on the way (``cmd``, ``target``)."""
+
+    request: int = 0
+    arg: IoctlArg | None = None
+    cmd: Any = None  # the structure ``copy_in`` took from the caller
+    target: "IommuFile | None" = None  # BIND's iommufd, once looked up
+    grant: "GroupGrant | None" = None
+    offset: int = 0
+    size: int = 0
+    data: bytes = b""
+    index: int = 0
 
 
 class Group:
@@ -75,7 +172,7 @@ class Group:
 class Device:
     """A registered device (``struct vfio_device``)."""
 
-    def __init__(self, index: int, name: str, driver: VfioPciDevice, group: Group | None = None,
+    def __init__(self, index: int, name: str, driver: DeviceDriver, group: Group | None = None,
                  bdf: str = "") -> None:
         self.index = index
         self.name = name
@@ -115,264 +212,343 @@ class ControlNode:
     def fsync(self) -> None:
         raise VfioError(errno.EINVAL, f"{self.what} has no fsync")
 
+    def claim(self, grant: object) -> None:
+        raise VfioError(errno.EINVAL, "no such grant for this handle")
+
 
 class IommuFile(ControlNode):
     """One open of the ``iommu`` node: a fresh iommufd context."""
 
     what = "/dev/iommu"
 
-    def __init__(self) -> None:
-        self.ctx = IommufdContext()
+    def __init__(self, ctx: IommuContext) -> None:
+        self.ctx = ctx
 
     def ioctl(self, request: int, arg: IoctlArg) -> int:
-        return self.ctx.ioctl(request, arg.buf, arg.value, arg.process)
+        return self.ctx.ioctl(request, arg)
 
     def release(self) -> None:
         """Nothing to undo: devices bound to the context keep it alive."""
 
 
+# The ioctls the core serves on a device handle (the cdev's own; any other goes to the driver).
+# Their rows give the prologue (structure, minimum size, style) that the ``copy_in`` check
+# runs where TRANSITIONS puts it; what follows is the table's, so the rows are never dispatched.
+def _through_transitions(handle: object, arg: IoctlArg, cmd: object) -> int:
+    raise AssertionError("the cdev's ioctls run through DeviceFile.fire, not IoctlTable.dispatch")
+
+
+CDEV_IOCTLS = IoctlTable("the vfio cdev", [
+    Ioctl(abi.VFIO_DEVICE_BIND_IOMMUFD, _through_transitions, abi.vfio_device_bind_iommufd,
+          offsetofend(abi.vfio_device_bind_iommufd, "out_devid"), Style.VFIO_EXTENSIBLE),
+    Ioctl(abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, _through_transitions, abi.vfio_device_attach_iommufd_pt,
+          offsetofend(abi.vfio_device_attach_iommufd_pt, "pt_id"), Style.VFIO),
+    Ioctl(abi.VFIO_DEVICE_DETACH_IOMMUFD_PT, _through_transitions, abi.vfio_device_detach_iommufd_pt,
+          offsetofend(abi.vfio_device_detach_iommufd_pt, "flags"), Style.VFIO),
+])
+_EVENT_OF_REQUEST = {abi.VFIO_DEVICE_BIND_IOMMUFD: Event.BIND, abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT: Event.ATTACH_PT,
+                     abi.VFIO_DEVICE_DETACH_IOMMUFD_PT: Event.DETACH_PT}
+
+
 class DeviceFile:
-    """One open of a device node (``struct vfio_device_file``)."""
+    """One open of a device node (``struct vfio_device_file``), driven by :data:`TRANSITIONS`."""
 
     def __init__(self, device: Device) -> None:
         self.device = device
         self.state = HandleState.BLOCKED
-        self.ictx: IommufdContext | None = None
-        self.devobj: DeviceObject | None = None
-        self.group_file: GroupFile | None = None  # set for handles from VFIO_GROUP_GET_DEVICE_FD
+        self.ictx: IommuContext | None = None  # BOUND: the iommufd it is bound to
+        self.devobj: IommuBinding | None = None  # BOUND: its device object there (iommufd_device)
+        self.group_file: GroupFile | None = None  # GRANTED: the group handle that granted it
 
-    def adopt_grant(self, grant: "Grant") -> None:
-        """Turn this fresh handle into the one VFIO_GROUP_GET_DEVICE_FD returned: granted
-        from the start (vfio_device_group_open sets access_granted), tied to the group."""
-        if self.state is not HandleState.BLOCKED or grant.device is not self.device:
-            raise VfioError(errno.EINVAL, "the grant is for another device or this handle is in use")
-        if grant.claimed or grant not in grant.group_file.grants:
-            raise VfioError(errno.EINVAL, "the grant was already used or has lapsed")
-        grant.claimed = True
-        self.group_file = grant.group_file
-        self.device.group.derived_handles += 1
-        self.state = HandleState.BOUND
+    @property
+    def has_device(self) -> bool:
+        """Bound or granted: the handle reaches the driver."""
+        return self.state in (HandleState.BOUND, HandleState.GRANTED)
 
-    # -- the gate ---------------------------------------------------------------------------
-    def _require_bound(self) -> None:
-        if self.state is not HandleState.BOUND:
-            raise VfioError(errno.EINVAL if self.state is HandleState.BLOCKED else errno.EBADF,
-                            f"handle is {self.state.value}")
+    def fire(self, event: Event, call: Call) -> Any:
+        """Run ``event``: its checks in order, then its action, then the state change."""
+        transition = TRANSITIONS[self.state, event]
+        for check in transition.checks:
+            if isinstance(check, Refuse):
+                raise VfioError(check.errno, check.why)
+            getattr(self, check)(call)
+        result = getattr(self, transition.action)(call) if transition.action else None
+        if transition.then is not None:
+            self.state = transition.then
+        return result
 
+    # -- events -----------------------------------------------------------------------------
     def ioctl(self, request: int, arg: IoctlArg) -> int:
-        if self.state is HandleState.CLOSED:
-            raise VfioError(errno.EBADF, "handle is closed")
-        if request == abi.VFIO_DEVICE_BIND_IOMMUFD:
-            return self._bind(arg)
-        self._require_bound()
-        if self.group_file is None:  # the cdev's own ioctls; a group handle goes to the driver (ENOTTY)
-            if request == abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT:
-                return self._attach(arg.buf)
-            if request == abi.VFIO_DEVICE_DETACH_IOMMUFD_PT:
-                return self._detach(arg.buf)
-        return self.device.driver.ioctl(request, arg)
+        event = _EVENT_OF_REQUEST.get(request, Event.DEVICE_IOCTL)
+        return self.fire(event, Call(request, arg)) or 0
 
     def read(self, offset: int, size: int) -> bytes:
-        self._require_bound()
-        return self.device.driver.read(offset, size)
+        return self.fire(Event.READ, Call(offset=offset, size=size))
 
     def write(self, offset: int, data: bytes) -> int:
-        self._require_bound()
-        return self.device.driver.write(offset, data)
+        return self.fire(Event.WRITE, Call(offset=offset, data=data))
 
     def map_region(self, index: int, offset: int, length: int) -> int:
         """The memory behind an mmap of region ``index`` (blocked: EINVAL, like the kernel's mmap)."""
-        self._require_bound()
-        return self.device.driver.map_region(index, offset, length)
+        return self.fire(Event.MMAP, Call(index=index, offset=offset, size=length))
 
     def fsync(self) -> None:
-        """Make the device's persistent regions durable; only the binder may."""
-        self._require_bound()
-        self.device.driver.sync()
+        """Make the device's persistent regions durable; only a handle that has the device may."""
+        self.fire(Event.FSYNC, Call())
 
-    # -- BIND (vfio_df_ioctl_bind_iommufd), checks in the kernel's order ---------------------
-    def _bind(self, arg: IoctlArg) -> int:
-        buf = arg.buf
-        argsz = buf.get_u32(0)
-        minsz = offsetofend(abi.vfio_device_bind_iommufd, "out_devid")
-        if argsz < minsz:
-            raise VfioError(errno.EINVAL, "argsz smaller than vfio_device_bind_iommufd")
-        bind = buf.copy_struct_from_user(abi.vfio_device_bind_iommufd, argsz)
-        if bind.iommufd < 0 or bind.flags & ~abi.VFIO_DEVICE_BIND_FLAG_TOKEN:
+    def claim(self, grant: GroupGrant) -> None:
+        """OP_CLAIM: become the handle VFIO_GROUP_GET_DEVICE_FD returned."""
+        self.fire(Event.CLAIM, Call(grant=grant))
+
+    def release(self) -> None:
+        """The last close; always succeeds."""
+        self.fire(Event.RELEASE, Call())
+
+    # -- checks (each raises VfioError or lets the event go on) -------------------------------
+    def copy_in(self, call: Call) -> None:
+        """The ioctl's prologue (its row in CDEV_IOCTLS): argsz, then copy from the caller."""
+        assert call.arg is not None
+        call.cmd = CDEV_IOCTLS.rows[call.request].copy_in(call.arg)
+
+    def valid_bind_args(self, call: Call) -> None:
+        if call.cmd.iommufd < 0 or call.cmd.flags & ~abi.VFIO_DEVICE_BIND_FLAG_TOKEN:
             raise VfioError(errno.EINVAL, "negative iommufd or unknown flags")
-        if self.group_file is not None:
-            raise VfioError(errno.EINVAL, "a handle from VFIO_GROUP_GET_DEVICE_FD cannot BIND")
+
+    def group_not_in_use(self, call: Call) -> None:
         if self.device.group.blocks_cdev():
             raise VfioError(errno.EBUSY, "the device's group is open (legacy group/container path)")
-        if self.state is HandleState.BOUND:
-            raise VfioError(errno.EINVAL, "handle is already bound")
-        if bind.flags & abi.VFIO_DEVICE_BIND_FLAG_TOKEN:
+
+    def no_vf_token(self, call: Call) -> None:
+        if call.cmd.flags & abi.VFIO_DEVICE_BIND_FLAG_TOKEN:
             raise VfioError(errno.EINVAL, "device takes no VF token")
-        target = arg.files.get(bind.iommufd)
+
+    def iommufd_of_this_mount(self, call: Call) -> None:
+        assert call.arg is not None
+        target = call.arg.files.get(call.cmd.iommufd)
         if target is None:
-            raise VfioError(errno.EBADF, f"fd {bind.iommufd} is not open")
+            raise VfioError(errno.EBADF, f"fd {call.cmd.iommufd} is not open")
         if not isinstance(target, IommuFile):
-            raise VfioError(errno.EBADFD, f"fd {bind.iommufd} is not an iommufd of this mount")
-        device = self.device
-        if device.open_count != 0:
+            raise VfioError(errno.EBADFD, f"fd {call.cmd.iommufd} is not an iommufd of this mount")
+        call.target = target
+
+    def device_not_open(self, call: Call) -> None:
+        """vfio_df_open(): only the group path may open a device more than once."""
+        if self.device.open_count != 0:
             raise VfioError(errno.EINVAL, "device is bound through another handle")
-        ictx = target.ctx
-        devobj = ictx.bind_device(device.name, device.driver.attach_dma)
+
+    def valid_attach_flags(self, call: Call) -> None:
+        if call.cmd.flags & ~abi.VFIO_DEVICE_ATTACH_PASID:
+            raise VfioError(errno.EINVAL, "unknown flags")
+        if call.cmd.flags & abi.VFIO_DEVICE_ATTACH_PASID:
+            raise VfioError(errno.EOPNOTSUPP, "device does not support PASID")
+
+    def valid_detach_flags(self, call: Call) -> None:
+        if call.cmd.flags & ~abi.VFIO_DEVICE_DETACH_PASID:
+            raise VfioError(errno.EINVAL, "unknown flags")
+        if call.cmd.flags & abi.VFIO_DEVICE_DETACH_PASID:
+            raise VfioError(errno.EOPNOTSUPP, "device does not support PASID")
+
+    def grant_for_this_device(self, call: Call) -> None:
+        assert call.grant is not None
+        if call.grant.device is not self.device:
+            raise VfioError(errno.EINVAL, "the grant is for another device")
+
+    def grant_pending(self, call: Call) -> None:
+        assert call.grant is not None
+        if not call.grant.pending:
+            raise VfioError(errno.EINVAL, "the grant was already used or has lapsed")
+
+    # -- actions --------------------------------------------------------------------------------
+    def bind(self, call: Call) -> int:
+        """vfio_df_ioctl_bind_iommufd() past its checks: bind, open, write out_devid; all or nothing."""
+        assert call.target is not None and call.arg is not None
+        device, ictx = self.device, call.target.ctx
+        binding = ictx.bind_device(device.name, device.driver.attach_dma)
         try:
             device.open()
         except VfioError:
-            ictx.unbind_device(devobj)
+            ictx.unbind_device(binding)
             raise
         try:
-            buf.copy_to(offsetofend(abi.vfio_device_bind_iommufd, "iommufd"), devobj.id.to_bytes(4, "little"))
+            call.arg.buf.copy_to(offsetofend(abi.vfio_device_bind_iommufd, "iommufd"),
+                                 binding.id.to_bytes(4, "little"))
         except VfioError:
             device.close()
-            ictx.unbind_device(devobj)
+            ictx.unbind_device(binding)
             raise
-        # Granted only here, after every step succeeded.
         device.bound_file = self
         device.group.cdev_bound += 1
-        self.ictx, self.devobj = ictx, devobj
-        self.state = HandleState.BOUND
+        self.ictx, self.devobj = ictx, binding
         return 0
 
-    # -- ATTACH / DETACH (vfio_df_ioctl_attach_pt / _detach_pt) ------------------------------
-    def _attach(self, buf: UserBuffer) -> int:
-        assert self.ictx is not None and self.devobj is not None
-        minsz = offsetofend(abi.vfio_device_attach_iommufd_pt, "pt_id")
-        attach = buf.read_struct(abi.vfio_device_attach_iommufd_pt, minsz)
-        if attach.argsz < minsz or attach.flags & ~abi.VFIO_DEVICE_ATTACH_PASID:
-            raise VfioError(errno.EINVAL, "argsz too small or unknown flags")
-        if attach.flags & abi.VFIO_DEVICE_ATTACH_PASID:
-            raise VfioError(errno.EOPNOTSUPP, "device does not support PASID")
-        pt_id = self.ictx.attach(self.devobj, attach.pt_id)
+    def attach_pt(self, call: Call) -> int:
+        assert self.ictx is not None and self.devobj is not None and call.arg is not None
+        pt_id = self.ictx.attach(self.devobj, call.cmd.pt_id)
         try:
-            buf.copy_to(abi.vfio_device_attach_iommufd_pt.pt_id.offset, pt_id.to_bytes(4, "little"))
+            call.arg.buf.copy_to(abi.vfio_device_attach_iommufd_pt.pt_id.offset, pt_id.to_bytes(4, "little"))
         except VfioError:
             self.ictx.detach(self.devobj)
             raise
         return 0
 
-    def _detach(self, buf: UserBuffer) -> int:
+    def detach_pt(self, call: Call) -> int:
         assert self.ictx is not None and self.devobj is not None
-        minsz = offsetofend(abi.vfio_device_detach_iommufd_pt, "flags")
-        detach = buf.read_struct(abi.vfio_device_detach_iommufd_pt, minsz)
-        if detach.argsz < minsz or detach.flags & ~abi.VFIO_DEVICE_DETACH_PASID:
-            raise VfioError(errno.EINVAL, "argsz too small or unknown flags")
-        if detach.flags & abi.VFIO_DEVICE_DETACH_PASID:
-            raise VfioError(errno.EOPNOTSUPP, "device does not support PASID")
         self.ictx.detach(self.devobj)
         return 0
 
-    # -- release (vfio_device_fops_release) -------------------------------------------------
-    def release(self) -> None:
-        """The last close: unbind (cdev) or let go of the group (legacy). Always succeeds."""
-        if self.state is HandleState.BOUND and self.group_file is not None:
-            self.device.close()
-            self.device.group.derived_handles -= 1
-            self.group_file.handle_released()
-        elif self.state is HandleState.BOUND:
-            assert self.ictx is not None and self.devobj is not None
-            self.device.close()
-            self.ictx.unbind_device(self.devobj)
-            self.device.bound_file = None
-            self.device.group.cdev_bound -= 1
-            self.ictx = self.devobj = None
-        self.state = HandleState.CLOSED
+    def driver_ioctl(self, call: Call) -> int:
+        assert call.arg is not None
+        return self.device.driver.ioctl(call.request, call.arg)
+
+    def driver_read(self, call: Call) -> bytes:
+        return self.device.driver.read(call.offset, call.size)
+
+    def driver_write(self, call: Call) -> int:
+        return self.device.driver.write(call.offset, call.data)
+
+    def driver_map_region(self, call: Call) -> int:
+        return self.device.driver.map_region(call.index, call.offset, call.size)
+
+    def driver_sync(self, call: Call) -> None:
+        self.device.driver.sync()
+
+    def claim_grant(self, call: Call) -> None:
+        """Granted from the start (vfio_device_group_open sets access_granted), tied to the group."""
+        assert call.grant is not None
+        call.grant.claimed = True
+        self.group_file = call.grant.group_file
+        self.device.group.derived_handles += 1
+
+    def unbind(self, call: Call) -> None:
+        assert self.ictx is not None and self.devobj is not None
+        self.device.close()
+        self.ictx.unbind_device(self.devobj)
+        self.device.bound_file = None
+        self.device.group.cdev_bound -= 1
+        self.ictx = self.devobj = None
+
+    def leave_group(self, call: Call) -> None:
+        assert self.group_file is not None
+        self.device.close()
+        self.device.group.derived_handles -= 1
+        self.group_file.handle_released()
+
+
+def _check_table() -> None:
+    """Every (state, event) has a transition, and every name in it is a DeviceFile method."""
+    for state in HandleState:
+        for event in Event:
+            transition = TRANSITIONS[state, event]
+            names = [c for c in transition.checks if isinstance(c, str)] + [transition.action or "fire"]
+            missing = [name for name in names if not callable(getattr(DeviceFile, name, None))]
+            if missing:  # pragma: no cover - guards edits of the table
+                raise AssertionError(f"({state.name}, {event.name}) names unknown methods {missing}")
+
+
+_check_table()
 
 
 class ContainerFile(ControlNode):
-    """One open of ``vfio/vfio``: a legacy container (type1 semantics in :mod:`vfiofs.iommu.type1`)."""
+    """One open of ``vfio/vfio``: a legacy container (its IOMMU backend is a driver, e.g. type1)."""
 
     what = "the container"
 
-    def __init__(self) -> None:
-        self.container = Container()
+    def __init__(self, container: IommuContainer) -> None:
+        self.container = container
 
     def ioctl(self, request: int, arg: IoctlArg) -> int:
-        return self.container.ioctl(request, arg.buf, arg.value, arg.process)
+        return self.container.ioctl(request, arg)
 
     def release(self) -> None:
         """Attached groups keep the container alive, as their file references do in the kernel."""
 
 
 @dataclass(eq=False)
-class Grant:
+class GroupGrant:
     """A device VFIO_GROUP_GET_DEVICE_FD opened, waiting for the client's new handle to claim it."""
 
     device: Device
     group_file: "GroupFile"
     claimed: bool = False
 
+    @property
+    def pending(self) -> bool:
+        """Not claimed yet, and its group handle still holds it (it has not lapsed)."""
+        return not self.claimed and self in self.group_file.grants
+
+    def lapse(self) -> None:
+        self.group_file.forget_grant(self)
+
 
 class GroupFile(ControlNode):
-    """One open of ``vfio/<N>``: the legacy group node."""
+    """One open of ``vfio/<N>``: the legacy group node, opened by ``uid``."""
 
     what = "a group"
 
-    def __init__(self, group: Group) -> None:
+    def __init__(self, group: Group, tickets: Tickets, uid: int = 0) -> None:
         if group.cdev_bound:
             raise VfioError(errno.EBUSY, "a device of this group is bound through its cdev")
         if group.opened is not None:
             raise VfioError(errno.EBUSY, "the group is already open")
         self.group = group
-        self.container: Container | None = None
-        self.grants: list[Grant] = []
+        self.tickets = tickets
+        self.uid = uid  # who may claim the devices it hands out (the kernel's file credentials)
+        self.container: IommuContainer | None = None
+        self.grants: list[GroupGrant] = []
         self.released = False
         group.opened = self
 
     def ioctl(self, request: int, arg: IoctlArg) -> int:
-        if request == abi.VFIO_GROUP_GET_STATUS:
-            minsz = offsetofend(abi.vfio_group_status, "flags")
-            status = arg.buf.read_struct(abi.vfio_group_status, minsz)
-            if status.argsz < minsz:
-                raise VfioError(errno.EINVAL, "argsz smaller than vfio_group_status")
-            status.flags = abi.VFIO_GROUP_FLAGS_VIABLE | (
-                abi.VFIO_GROUP_FLAGS_CONTAINER_SET if self.container is not None else 0)
-            arg.buf.write_struct(status, minsz)
-            return 0
-        if request == abi.VFIO_GROUP_SET_CONTAINER:
-            number = int.from_bytes(arg.buf.copy_from(0, 4), "little", signed=True)
-            if self.container is not None:
-                raise VfioError(errno.EINVAL, "the group already has a container")
-            target = arg.files.get(number) if number >= 0 else None
-            if target is None:
-                raise VfioError(errno.EBADF, f"fd {number} is not open")
-            if not isinstance(target, ContainerFile):
-                raise VfioError(errno.EBADFD, f"fd {number} is not a container of this mount")
-            self.container = target.container
-            self.container.groups.append(self)
-            return 0
-        if request == abi.VFIO_GROUP_UNSET_CONTAINER:
-            if self.container is None:
-                raise VfioError(errno.EINVAL, "the group has no container")
-            if self.group.derived_handles:
-                raise VfioError(errno.EBUSY, "device handles from this group are still open")
-            self._detach()
-            return 0
-        if request == abi.VFIO_GROUP_GET_DEVICE_FD:
-            raise VfioError(errno.EINVAL, "VFIO_GROUP_GET_DEVICE_FD goes through get_device()")
-        raise VfioError(errno.ENOTTY, f"ioctl {request:#x} not supported on a group")
+        return GROUP_IOCTLS.dispatch(self, request, arg)
 
-    def get_device(self, buf: UserBuffer) -> Grant:
-        """VFIO_GROUP_GET_DEVICE_FD: open the named device for a new, granted handle."""
-        raw = buf.copy_from(0, len(buf))
+    def _get_status(self, arg: IoctlArg, status: abi.vfio_group_status) -> int:
+        status.flags = abi.VFIO_GROUP_FLAGS_VIABLE | (
+            abi.VFIO_GROUP_FLAGS_CONTAINER_SET if self.container is not None else 0)
+        arg.buf.write_struct(status, offsetofend(abi.vfio_group_status, "flags"))
+        return 0
+
+    def _set_container(self, arg: IoctlArg, _: None) -> int:
+        number = int.from_bytes(arg.buf.copy_from(0, 4), "little", signed=True)
+        if self.container is not None:
+            raise VfioError(errno.EINVAL, "the group already has a container")
+        target = arg.files.get(number) if number >= 0 else None
+        if target is None:
+            raise VfioError(errno.EBADF, f"fd {number} is not open")
+        if not isinstance(target, ContainerFile):
+            raise VfioError(errno.EBADFD, f"fd {number} is not a container of this mount")
+        self.container = target.container
+        self.container.attach_group(self)
+        return 0
+
+    def _unset_container(self, arg: IoctlArg, _: None) -> int:
+        if self.container is None:
+            raise VfioError(errno.EINVAL, "the group has no container")
+        if self.group.derived_handles:
+            raise VfioError(errno.EBUSY, "device handles from this group are still open")
+        self._detach()
+        return 0
+
+    def _get_device_fd(self, arg: IoctlArg, _: None) -> int:
+        """Open the named device for a new, granted handle. The result is ``ticket << 16 |
+        index``: the client opens device node ``index`` and claims the ticket there, so
+        the caller gets a new fd, as from the kernel (docs/protocol.md §13)."""
+        raw = arg.buf.copy_from(0, len(arg.buf))
         name = raw.split(b"\0", 1)[0].decode(errors="replace")
         if b"\0" not in raw:
             raise VfioError(errno.EFAULT, "the device name is not NUL-terminated inside the buffer")
-        if self.container is None or self.container.iommu_type is None:
+        if self.container is None or not self.container.iommu_set:
             raise VfioError(errno.EINVAL, "the group needs a container with an IOMMU set")
         device = next((d for d in self.group.devices if d.bdf == name), None)
         if device is None:
             raise VfioError(errno.ENODEV, f"no device {name!r} in group {self.group.number}")
         device.open()
-        device.driver.attach_dma(self.container.ioas)
-        grant = Grant(device, self)
+        device.driver.attach_dma(self.container.dma_target)
+        grant = GroupGrant(device, self)
         self.grants.append(grant)
-        return grant
+        return self.tickets.issue(grant, self.uid) << 16 | device.index
 
-    def forget_grant(self, grant: Grant) -> None:
-        """A grant never claimed (the client died): close the device it opened."""
+    def forget_grant(self, grant: GroupGrant) -> None:
+        """A grant never claimed (the client died, or its ticket lapsed): close the device it opened."""
         if grant in self.grants and not grant.claimed:
             self.grants.remove(grant)
             grant.device.close()
@@ -383,8 +559,7 @@ class GroupFile(ControlNode):
 
     def _detach(self) -> None:
         assert self.container is not None
-        self.container.groups.remove(self)
-        self.container.group_detached()
+        self.container.detach_group(self)
         self.container = None
 
     def _finish(self) -> None:
@@ -399,3 +574,12 @@ class GroupFile(ControlNode):
         self.released = True
         if self.group.derived_handles == 0:
             self._finish()
+
+
+GROUP_IOCTLS = IoctlTable("a group", [
+    Ioctl(abi.VFIO_GROUP_GET_STATUS, GroupFile._get_status, abi.vfio_group_status,
+          offsetofend(abi.vfio_group_status, "flags"), Style.VFIO),
+    Ioctl(abi.VFIO_GROUP_SET_CONTAINER, GroupFile._set_container, style=Style.RAW),
+    Ioctl(abi.VFIO_GROUP_UNSET_CONTAINER, GroupFile._unset_container, style=Style.RAW),
+    Ioctl(abi.VFIO_GROUP_GET_DEVICE_FD, GroupFile._get_device_fd, style=Style.RAW),
+])

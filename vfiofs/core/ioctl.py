@@ -91,30 +91,35 @@ class Ioctl:
     minsz: int = 0
     style: Style = Style.VFIO
 
-    def call(self, owner: object, arg: IoctlArg) -> int:
-        cmd = None
+    def copy_in(self, arg: IoctlArg) -> ctypes.Structure | None:
+        """The prologue alone: the structure as the handler would get it (None for RAW).
+
+        For callers whose own checks interleave with the kernel's copy-in (the handle
+        state machine runs BIND's prologue as the first of its checks)."""
+        if self.style is Style.RAW:
+            return None
+        assert self.struct is not None
         if self.style is Style.VFIO:
-            assert self.struct is not None
             cmd = arg.buf.read_struct(self.struct, self.minsz)
             if cmd.argsz < self.minsz:
                 raise VfioError(errno.EINVAL, f"argsz smaller than {self.struct.__name__}")
-        elif self.style is Style.VFIO_EXTENSIBLE:
-            assert self.struct is not None
-            argsz = arg.buf.get_u32(0)
-            if argsz < self.minsz:
-                raise VfioError(errno.EINVAL, f"argsz smaller than {self.struct.__name__}")
-            cmd = arg.buf.copy_struct_from_user(self.struct, argsz)
-        elif self.style is Style.IOMMUFD:
-            assert self.struct is not None
+            return cmd
+        size = arg.buf.get_u32(0)  # VFIO_EXTENSIBLE and IOMMUFD: get_user(argsz/size) first
+        if size < self.minsz:
+            what = "argsz" if self.style is Style.VFIO_EXTENSIBLE else "size"
+            raise VfioError(errno.EINVAL, f"{what} smaller than {self.struct.__name__}")
+        return arg.buf.copy_struct_from_user(self.struct, size)
+
+    def call(self, owner: object, arg: IoctlArg) -> int:
+        cmd = self.copy_in(arg)
+        if self.style is Style.IOMMUFD:
+            assert cmd is not None
             size = arg.buf.get_u32(0)
-            if size < self.minsz:
-                raise VfioError(errno.EINVAL, f"size smaller than {self.struct.__name__}")
-            cmd = arg.buf.copy_struct_from_user(self.struct, size)
             try:
                 result = self.handler(owner, arg, cmd)
             except RespondThenFail as failure:
                 arg.buf.write_struct(cmd, min(size, ctypes.sizeof(cmd)))
-                raise VfioError(failure.errno, str(failure)) from None
+                raise VfioError(failure.errno, failure.detail) from None
             arg.buf.write_struct(cmd, min(size, ctypes.sizeof(cmd)))
             return result or 0
         return self.handler(owner, arg, cmd) or 0

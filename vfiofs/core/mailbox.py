@@ -3,8 +3,10 @@
 The FUSE adapter turns each request into one call here — open, read, write, release
 with a file handle number — and gets bytes or a :class:`VfioError` back. This module
 owns the fh table, each handle's unforgeable token (what fd arguments are resolved
-against) and each handle's reply slots; what a handle may *do* is decided by
-:mod:`vfiofs.core.handles`. No FUSE, no event loop: unit tests drive it directly.
+against), each handle's reply slots, resolving fd arguments, and encoding results into
+replies. What a handle may *do* is decided by :mod:`vfiofs.core.handles`, who may claim
+a VFIO_GROUP_GET_DEVICE_FD grant by :mod:`vfiofs.core.grants`. No FUSE, no event loop,
+no driver or host import (the daemon injects them): unit tests drive it directly.
 """
 
 from __future__ import annotations
@@ -16,15 +18,15 @@ from collections import OrderedDict
 from typing import Callable, Sequence, Union
 
 from vfiofs import abi
-from vfiofs.host import fdpass
 from vfiofs.abi import protocol
-from vfiofs.errors import VfioError
-from vfiofs.host.procmem import ProcessMemory
 from vfiofs.abi.protocol import FD_FOREIGN, FD_HANDLE, OP_GET_TOKEN, OP_MAP_REGION, Request
-from vfiofs.core.handles import (FOREIGN_FD, ContainerFile, Device, DeviceFile, Grant, Group, GroupFile, HandleState, IoctlArg,
-                    IommuFile)
+from vfiofs.core.grants import Tickets
+from vfiofs.core.handles import ContainerFile, Device, DeviceFile, Group, GroupFile, HandleState, IommuFile
+from vfiofs.core.ioctl import FOREIGN_FD, IoctlArg
+from vfiofs.core.ops import CallerMemory, DescriptorChannel, IommuContainer, IommuContext, OpenMemory, SendFd
 from vfiofs.core.trace import TraceBus
 from vfiofs.core.usermem import UserBuffer
+from vfiofs.errors import VfioError
 
 Handle = Union[DeviceFile, IommuFile, ContainerFile, GroupFile]
 
@@ -61,15 +63,28 @@ class OpenFile:
         self.replies: OrderedDict[int, bytes] = OrderedDict()
 
 
-class Server:
-    def __init__(self, devices: Sequence[Device], send_fd: Callable[[bytes, int, int], None] = fdpass.send_fd,
-                 channel: fdpass.FdChannel | None = None) -> None:
+class Mailbox:
+    """The mount's handles behind the control mailbox.
+
+    The daemon passes in what the core may not build itself: ``iommufd`` and
+    ``container`` make a fresh iommufd context / legacy container for each open of those
+    nodes, ``channel`` is where clients deposit descriptors (None: none can be passed),
+    ``send_fd(listener, fd, uid)`` hands region memory to a client (None: MAP_REGION is
+    EPROTO), and ``open_memory(pidfd)`` opens a calling process's memory for DMA mappings.
+    """
+
+    def __init__(self, devices: Sequence[Device], *, iommufd: Callable[[], IommuContext],
+                 container: Callable[[], IommuContainer], channel: DescriptorChannel | None = None,
+                 send_fd: SendFd | None = None, open_memory: OpenMemory | None = None) -> None:
         self.devices = list(devices)
+        self._new_iommufd = iommufd
+        self._new_container = container
         self._send_fd = send_fd
-        self.channel = channel  # where clients deposit eventfds; None: descriptors cannot be passed
+        self._open_memory = open_memory
+        self.channel = channel
         self._files: dict[int, OpenFile] = {}
         self._by_token: dict[bytes, OpenFile] = {}
-        self._grants: OrderedDict[int, tuple[Grant, int]] = OrderedDict()  # ticket → (grant, uid)
+        self.tickets = Tickets()  # VFIO_GROUP_GET_DEVICE_FD grants waiting for their CLAIM
         self.trace = TraceBus()
         for device in self.devices:
             device.driver.trace = self.trace
@@ -87,13 +102,13 @@ class Server:
         return self._register(DeviceFile(self.devices[index]), uid, pid)
 
     def open_iommu(self, uid: int = 0, pid: int = 0) -> int:
-        return self._register(IommuFile(), uid, pid)
+        return self._register(IommuFile(self._new_iommufd()), uid, pid)
 
     def open_container(self, uid: int = 0, pid: int = 0) -> int:
-        return self._register(ContainerFile(), uid, pid)
+        return self._register(ContainerFile(self._new_container()), uid, pid)
 
     def open_group(self, number: int, uid: int = 0, pid: int = 0) -> int:
-        return self._register(GroupFile(self.groups[number]), uid, pid)
+        return self._register(GroupFile(self.groups[number], self.tickets, uid), uid, pid)
 
     @property
     def groups(self) -> dict[int, Group]:
@@ -108,6 +123,13 @@ class Server:
 
     def handle(self, fh: int) -> Handle:
         return self._entry(fh).handle
+
+    def token(self, fh: int) -> bytes:
+        """The handle's token (what OP_GET_TOKEN answers): how other requests name it as an fd."""
+        return self._entry(fh).token
+
+    def pending_replies(self, fh: int) -> int:
+        return len(self._entry(fh).replies)
 
     def _entry(self, fh: int) -> OpenFile:
         entry = self._files.get(fh)
@@ -171,18 +193,16 @@ class Server:
         devices = []
         for device in self.devices:
             holders = [(fh, e) for fh, e in self._files.items()
-                       if isinstance(e.handle, DeviceFile) and e.handle.device is device
-                       and e.handle.state is HandleState.BOUND]
-            ioas = None
+                       if isinstance(e.handle, DeviceFile) and e.handle.device is device and e.handle.has_device]
             bound = device.bound_file
-            if bound is not None and bound.devobj is not None and bound.devobj.hwpt is not None:
-                ioas = bound.devobj.hwpt.ioas.id if bound.devobj.hwpt.ioas is not None else None
+            ioas = bound.devobj.ioas_id if bound is not None and bound.devobj is not None else None
             ident = device.driver.spec.identity
             devices.append({
                 "index": device.index, "name": device.name, "node": f"vfio/devices/vfio{device.index}",
                 "bdf": device.bdf, "vendor": f"{ident.vendor:04x}", "device": f"{ident.device:04x}",
                 "group": device.group.number,
-                "bound_by": [{"pid": e.pid, "handle": fh, "via": "group" if e.handle.group_file else "cdev"}
+                "bound_by": [{"pid": e.pid, "handle": fh,
+                              "via": "group" if e.handle.state is HandleState.GRANTED else "cdev"}
                              for fh, e in holders],
                 "ioas": ioas if bound is not None else ("container" if holders else None),
                 "interrupts": device.driver.irqs.irq_type,
@@ -233,14 +253,18 @@ class Server:
         if request.op == OP_GET_TOKEN:
             return 0, entry.token
         if request.op == protocol.OP_CLAIM:
-            return self._claim(entry, request.arg_value), b""
+            self.tickets.claim(request.arg_value, entry.uid, entry.handle)
+            return 0, b""
         if request.op == protocol.OP_FD_CHANNEL:
             if self.channel is None:
                 raise VfioError(errno.EPROTO, "this daemon takes no passed descriptors")
             return 0, self.channel.name
         if request.op == OP_MAP_REGION:
             index, offset, length, name = protocol.decode_map_request(request.payload)
-            self._send_fd(name, entry.handle.map_region(index, offset, length), entry.uid)
+            memfd = entry.handle.map_region(index, offset, length)
+            if self._send_fd is None:
+                raise VfioError(errno.EPROTO, "this mailbox cannot pass descriptors")
+            self._send_fd(name, memfd, entry.uid)
             return 0, b""
         if request.arg_kind == protocol.ARG_BUFFER:
             buf = UserBuffer(request.payload)
@@ -251,10 +275,7 @@ class Server:
             arg = IoctlArg(buf=buf, value=request.arg_value, files=self._resolve_fds(entry, request),
                            process=self._caller(entry, request))
             try:
-                if request.request == abi.VFIO_GROUP_GET_DEVICE_FD and isinstance(entry.handle, GroupFile):
-                    result = self._grant(entry, entry.handle.get_device(buf))
-                else:
-                    result = entry.handle.ioctl(request.request, arg)
+                result = entry.handle.ioctl(request.request, arg)
             except VfioError as error:
                 if buf.written:
                     raise _FailedWithWriteback(error, bytes(buf.data or b"")) from None
@@ -265,36 +286,18 @@ class Server:
                     self.channel.discard(parcel)
         return result, bytes(buf.data or b"")
 
-    def _grant(self, entry: OpenFile, grant: Grant) -> int:
-        """The ioctl's result for GET_DEVICE_FD: an unguessable ticket and the device's node.
-        The client library opens that node and claims the ticket (OP_CLAIM) on the new
-        handle, so the caller gets a new fd, as from the kernel."""
-        ticket = secrets.randbits(46) | 1
-        self._grants[ticket] = (grant, entry.uid)
-        while len(self._grants) > MAX_PENDING_REPLIES:
-            stale, _ = self._grants.pop(next(iter(self._grants)))
-            stale.group_file.forget_grant(stale)
-        return ticket << 16 | grant.device.index
-
-    def _claim(self, entry: OpenFile, ticket: int) -> int:
-        found = self._grants.pop(ticket, None)
-        if found is None or found[1] != entry.uid or not isinstance(entry.handle, DeviceFile):
-            raise VfioError(errno.EINVAL, "no such grant for this handle")
-        entry.handle.adopt_grant(found[0])
-        return 0
-
-    def _caller(self, entry: OpenFile, request: Request) -> Callable[[], ProcessMemory] | None:
+    def _caller(self, entry: OpenFile, request: Request) -> Callable[[], CallerMemory] | None:
         """How to reach the calling process's memory, if it proved who it is (a PROCESS entry)."""
         parcel = next((ref.token for ref in request.fds.values() if ref.kind == protocol.FD_PROCESS), None)
-        if parcel is None or self.channel is None:
+        if parcel is None or self.channel is None or self._open_memory is None:
             return None
-        channel = self.channel
+        channel, open_pidfd = self.channel, self._open_memory
 
-        def open_memory() -> ProcessMemory:
+        def open_memory() -> CallerMemory:
             pidfd = channel.sender(parcel, entry.uid)
             if pidfd is None:
                 raise VfioError(errno.EPERM, "no proof of the calling process from the handle's user")
-            return ProcessMemory.open(pidfd)
+            return open_pidfd(pidfd)
 
         return open_memory
 

@@ -6,7 +6,7 @@ Each class answers ``read(offset, size)``, ``write(offset, data)``, ``poll(poll_
 ``nonseekable`` is what the open reply says; every file is direct_io (nothing is cached).
 
 ``fh`` is the number FUSE knows the file by: a VFIO handle keeps the mailbox's own number
-(so ``Server.handle(fh)``, trace events and ``vfiofs ls`` all name the same handle); the
+(so ``Mailbox.handle(fh)``, trace events and ``vfiofs ls`` all name the same handle); the
 adapter numbers every other file itself.
 """
 
@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import pyfuse3
 
-from vfiofs.core.mailbox import Server
+from vfiofs.core.mailbox import Mailbox
 from vfiofs.core.ports import READABLE, HostPort
 from vfiofs.core.trace import TraceBus
 from vfiofs.errors import VfioError
@@ -65,7 +65,7 @@ class VfioHandle:
     __slots__ = ("fh", "_mailbox")
     nonseekable = False
 
-    def __init__(self, mailbox: Server, fh: int) -> None:
+    def __init__(self, mailbox: Mailbox, fh: int) -> None:
         self.fh = fh
         self._mailbox = mailbox
 
@@ -117,7 +117,7 @@ class StatusFile(AttributeFile):
 
     __slots__ = ()
 
-    def __init__(self, mailbox: Server) -> None:
+    def __init__(self, mailbox: Mailbox) -> None:
         super().__init__(json.dumps(mailbox.status(), indent=1).encode() + b"\n")
 
 

@@ -19,7 +19,7 @@ import stat
 
 import pyfuse3
 
-from vfiofs.core.mailbox import Server
+from vfiofs.core.mailbox import Mailbox
 from vfiofs.errors import VfioError
 from vfiofs.fs.files import NO_FILE, OpenFile, VfioHandle
 from vfiofs.fs.tree import Tree
@@ -43,7 +43,7 @@ class VfioOperations(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, server: Server, uid: int, gid: int, file_mode: int = 0o600) -> None:
+    def __init__(self, server: Mailbox, uid: int, gid: int, file_mode: int = 0o600) -> None:
         super().__init__()
         self.server = server
         self.trace = log.isEnabledFor(logging.DEBUG)  # --debug: one line per request

@@ -24,7 +24,7 @@ from typing import Callable
 
 import pyfuse3
 
-from vfiofs.core.mailbox import Server
+from vfiofs.core.mailbox import Mailbox
 from vfiofs.core.ports import HostPort
 from vfiofs.fs.files import (AttributeFile, OpenFile, PortFile, StatusFile, TraceFile, VfioHandle,
                              refuse_writable)
@@ -68,13 +68,13 @@ def process_of(tid: int) -> int:
 class Tree:
     """Every node by inode, and the attributes FUSE reports for them."""
 
-    def __init__(self, server: Server, uid: int, gid: int, file_mode: int = 0o600) -> None:
+    def __init__(self, server: Mailbox, uid: int, gid: int, file_mode: int = 0o600) -> None:
         self.uid, self.gid = uid, gid
         self.stamp_ns = time.time_ns()
         self.nodes: dict[int, Node] = {}
         self._build(server, file_mode)
 
-    def _build(self, server: Server, file_mode: int) -> None:
+    def _build(self, server: Mailbox, file_mode: int) -> None:
         root = self._add(pyfuse3.ROOT_INODE, b"", stat.S_IFDIR | 0o755)
         iommu = self._add(2, b"iommu", stat.S_IFREG | file_mode, _vfio_opener(server, server.open_iommu))
         vfio = self._add(3, b"vfio", stat.S_IFDIR | 0o755)
@@ -170,7 +170,7 @@ class Tree:
         return attrs
 
 
-def _vfio_opener(server: Server, opens: Callable[..., int]) -> Opener:
+def _vfio_opener(server: Mailbox, opens: Callable[..., int]) -> Opener:
     """A VFIO node's opener: a new mailbox handle for the caller (its uid and process)."""
     def opener(flags: int, ctx: pyfuse3.RequestContext) -> VfioHandle:
         return VfioHandle(server, opens(ctx.uid, process_of(ctx.pid)))

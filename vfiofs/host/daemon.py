@@ -24,14 +24,18 @@ import pyfuse3
 import trio
 
 from vfiofs.host.definitions import Definition
+from vfiofs.host import fdpass
 from vfiofs.host.fdpass import FdChannel
+from vfiofs.host.procmem import ProcessMemory
 from vfiofs.models.api import DeviceModel, ModelContext
 from vfiofs.host.tasks import TrioScheduler
 from vfiofs.fs.operations import VfioOperations
 from vfiofs.host.memory import StateFileError, bar_memory
-from vfiofs.core.mailbox import Server
+from vfiofs.core.mailbox import Mailbox
 from vfiofs.pci import sysfs
 from vfiofs.core.handles import Device, Group
+from vfiofs.iommu.iommufd import IommufdContext
+from vfiofs.iommu.type1 import Type1Container
 from vfiofs.pci.vfio_pci import VfioPciDevice
 from vfiofs.host import eventfd
 
@@ -58,13 +62,16 @@ def build_model(definition: Definition, state_dir: Path | None = None) -> Device
         raise
 
 
-def build_server(definitions: Sequence[Definition], state_dir: Path | None = None) -> Server:
-    """Instantiate every device; MountError if a persistent region's state file is unusable."""
+def build_server(definitions: Sequence[Definition], state_dir: Path | None = None) -> Mailbox:
+    """Instantiate every device; MountError if a persistent region's state file is unusable.
+
+    Devices share a Group when their definitions name the same ``iommu_group`` (always set:
+    :func:`vfiofs.host.definitions.assign_groups` numbers the rest)."""
     devices = []
     groups: dict[int, Group] = {}
     try:
         for index, definition in enumerate(definitions):
-            number = definition.spec.iommu_group if definition.spec.iommu_group is not None else index
+            number = definition.spec.iommu_group
             group = groups.setdefault(number, Group(number))
             devices.append(Device(index, definition.name,
                                   VfioPciDevice(build_model(definition, state_dir), signal=eventfd.signal,
@@ -74,7 +81,8 @@ def build_server(definitions: Sequence[Definition], state_dir: Path | None = Non
         for device in devices:
             device.driver.model.shutdown()
         raise MountError(str(exc)) from None
-    return Server(devices, channel=FdChannel())
+    return Mailbox(devices, iommufd=IommufdContext, container=Type1Container, channel=FdChannel(),
+                   send_fd=fdpass.send_fd, open_memory=ProcessMemory.open)
 
 
 def keep_large_allocations_on_the_heap() -> None:
@@ -157,7 +165,7 @@ def serve(
                 log.exception("shutting down %s", device.name)
 
 
-def _serve(server: Server, mountpoint: Path, options: Sequence[str], on_ready: Callable[[], None] | None,
+def _serve(server: Mailbox, mountpoint: Path, options: Sequence[str], on_ready: Callable[[], None] | None,
            gid: int, file_mode: int) -> None:
     ops = VfioOperations(server, uid=os.getuid(), gid=gid, file_mode=file_mode)
     models = [device.driver.model for device in server.devices]

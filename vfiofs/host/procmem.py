@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from vfiofs.errors import VfioError
 
-PAGE_SIZE = 4096
+from vfiofs.abi import PAGE_SIZE
 
 
 def pid_of_pidfd(pidfd: int) -> int:

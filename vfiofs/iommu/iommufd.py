@@ -11,17 +11,17 @@ as the kernel's ``iommufd_ctx_get`` reference does.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
 from vfiofs import abi
+from vfiofs.abi import PAGE_SIZE
+from vfiofs.core.ioctl import Ioctl, IoctlArg, IoctlTable, RespondThenFail, Style, offsetofend
+from vfiofs.core.ops import CallerMemory
 from vfiofs.errors import VfioError
 from vfiofs.models.api import DmaFault, DmaPort
-from vfiofs.host.procmem import ProcessMemory
-from vfiofs.core.usermem import UserBuffer
 
 
 @dataclass(eq=False)
@@ -29,7 +29,6 @@ class IommufdObject:
     id: int = 0
 
 
-PAGE_SIZE = 4096
 IOVA_LAST = (1 << 48) - 1  # the aperture of the emulated IOMMU: 48-bit IOVAs
 U64_MAX = (1 << 64) - 1
 _MAP_FLAGS = abi.IOMMU_IOAS_MAP_FIXED_IOVA | abi.IOMMU_IOAS_MAP_WRITEABLE | abi.IOMMU_IOAS_MAP_READABLE
@@ -44,7 +43,7 @@ class Mapping:
     user_va: int
     readable: bool
     writable: bool
-    memory: ProcessMemory
+    memory: CallerMemory
 
     @property
     def last(self) -> int:
@@ -72,8 +71,9 @@ class Ioas(IommufdObject):
         if not any(m.memory is mapping.memory for m in self.mappings):
             mapping.memory.close()
 
-    def dma_port(self, on_fault: Callable[[str], None], on_done: Callable[[str, int, int], None]) -> DmaPort:
-        """DmaTarget: a device's DMA through this IOAS."""
+    def dma_port(self, on_fault: Callable[[str], None],
+                 on_done: Callable[[str, int, int], None]) -> "IoasDma":
+        """A device's DMA through this IOAS (the core's DmaTarget): faults and transfers are reported."""
         return IoasDma(self, on_fault, on_done)
 
 
@@ -149,13 +149,9 @@ class DeviceObject(IommufdObject):
     #: told which IOAS the device's DMA now goes through (None: detached)
     on_attach: Callable[[Ioas | None], None] = lambda ioas: None
 
-
-@dataclass(frozen=True)
-class _Command:
-    number: int
-    struct: type[ctypes.Structure]
-    min_size: int
-    execute: Callable[["IommufdContext", ctypes.Structure], None]
+    @property
+    def ioas_id(self) -> int | None:
+        return self.hwpt.ioas.id if self.hwpt is not None and self.hwpt.ioas is not None else None
 
 
 # Command numbers the kernel's table covers (IOMMUFD_CMD_BASE .. last known). Numbers
@@ -167,8 +163,6 @@ _TABLE_END = 0x95
 class IommufdContext:
     def __init__(self) -> None:
         self.objects: dict[int, IommufdObject] = {}
-        self._process: Callable[[], ProcessMemory] | None = None
-        self._emsgsize = False
 
     # -- object table -------------------------------------------------------------------
     def _add(self, obj: IommufdObject) -> IommufdObject:
@@ -190,36 +184,20 @@ class IommufdContext:
         return isinstance(obj, DeviceObject)  # owned by the bound device handle
 
     # -- the iommu handle's ioctls --------------------------------------------------------
-    def ioctl(self, request: int, arg: UserBuffer, value: int,
-              process: Callable[[], ProcessMemory] | None = None) -> int:
+    def ioctl(self, request: int, arg: IoctlArg) -> int:
+        """iommufd_fops_ioctl(): numbers outside the command range go to the VFIO compatibility
+        table; inside it, get_user(size) comes before the command lookup (a NULL argument is
+        EFAULT even for an unknown command), then the row's prologue and handler."""
         nr = request & 0xFF
         if (request >> 8) & 0xFF != abi.IOMMUFD_TYPE or not abi.IOMMUFD_CMD_BASE <= nr < _TABLE_END:
-            return self._vfio_compat(request, value)
-        user_size = arg.get_u32(0)
-        command = _COMMANDS.get(nr)
-        if command is None or command.number != request:
-            raise VfioError(errno.ENOTTY, f"iommufd command {request:#x} not supported")
-        if user_size < command.min_size:
-            raise VfioError(errno.EINVAL, "size smaller than the command structure")
-        cmd = arg.copy_struct_from_user(command.struct, user_size)
-        self._process, self._emsgsize = process, False
-        try:
-            command.execute(self, cmd)
-        finally:
-            self._process = None
-        # iommufd_ucmd_respond(): the whole command goes back, up to the caller's size.
-        arg.write_struct(cmd, min(user_size, ctypes.sizeof(cmd)))
-        if self._emsgsize:
-            raise VfioError(errno.EMSGSIZE, "num_iovas is too small; it now holds the count needed")
-        return 0
+            return VFIO_COMPAT_IOCTLS.dispatch(self, request, arg)
+        arg.buf.get_u32(0)  # get_user(size): EFAULT comes before the command lookup
+        return IOMMUFD_IOCTLS.dispatch(self, request, arg)
 
-    def _vfio_compat(self, request: int, value: int) -> int:
-        """iommufd_vfio_ioctl(): the legacy container ioctls /dev/iommu also answers."""
-        if request == abi.VFIO_GET_API_VERSION:
-            return abi.VFIO_API_VERSION
-        raise VfioError(errno.ENOTTY, f"ioctl {request:#x} not supported on iommufd")
+    def _api_version(self, arg: IoctlArg, _: None) -> int:
+        return abi.VFIO_API_VERSION
 
-    def _ioas_alloc(self, cmd: abi.iommu_ioas_alloc) -> None:
+    def _ioas_alloc(self, arg: IoctlArg, cmd: abi.iommu_ioas_alloc) -> None:
         if cmd.flags:
             raise VfioError(errno.EOPNOTSUPP, "IOAS_ALLOC flags must be 0")
         cmd.out_ioas_id = self._add(Ioas()).id
@@ -230,12 +208,13 @@ class IommufdContext:
             raise VfioError(errno.ENOENT, f"no IOAS {ioas_id}")
         return obj
 
-    def _caller_memory(self) -> ProcessMemory:
-        if self._process is None:
+    @staticmethod
+    def _caller_memory(arg: IoctlArg) -> CallerMemory:
+        if arg.process is None:
             raise VfioError(errno.EPERM, "the caller's process was not identified (docs/protocol.md §12)")
-        return self._process()
+        return arg.process()
 
-    def _ioas_map(self, cmd: abi.iommu_ioas_map) -> None:
+    def _ioas_map(self, arg: IoctlArg, cmd: abi.iommu_ioas_map) -> None:
         """iommufd_ioas_map(): checks in the kernel's order, then pins the range to the caller."""
         if cmd.flags & ~_MAP_FLAGS or getattr(cmd, "__reserved"):
             raise VfioError(errno.EOPNOTSUPP, "unknown IOAS_MAP flags or reserved bits")
@@ -262,7 +241,7 @@ class IommufdContext:
                 raise VfioError(errno.EEXIST, "the range overlaps an existing mapping")
         else:
             iova = self._allocate_iova(ioas, cmd.length)
-        memory = self._caller_memory()
+        memory = self._caller_memory(arg)
         try:
             memory.check_range(cmd.user_va, cmd.length, write=writable)
         except VfioError:
@@ -286,7 +265,7 @@ class IommufdContext:
             raise VfioError(errno.ENOSPC, "no free IOVA range of that size")
         return candidate
 
-    def _ioas_unmap(self, cmd: abi.iommu_ioas_unmap) -> None:
+    def _ioas_unmap(self, arg: IoctlArg, cmd: abi.iommu_ioas_unmap) -> None:
         ioas = self._ioas(cmd.ioas_id)
         if cmd.iova == 0 and cmd.length == U64_MAX:  # unmap everything
             unmapped = sum(m.length for m in ioas.mappings)
@@ -310,18 +289,17 @@ class IommufdContext:
             ioas.remove(mapping)
         cmd.length = sum(m.length for m in touched)
 
-    def _ioas_iova_ranges(self, cmd: abi.iommu_ioas_iova_ranges) -> None:
+    def _ioas_iova_ranges(self, arg: IoctlArg, cmd: abi.iommu_ioas_iova_ranges) -> None:
         if getattr(cmd, "__reserved"):
             raise VfioError(errno.EOPNOTSUPP, "reserved field must be 0")
         self._ioas(cmd.ioas_id)
         ranges = [(0, IOVA_LAST)]  # one aperture, no reserved regions
         room, cmd.num_iovas = cmd.num_iovas, len(ranges)
         cmd.out_iova_alignment = PAGE_SIZE
-        if room < len(ranges):
-            self._emsgsize = True  # the kernel reports the count, then fails
-            return
+        if room < len(ranges):  # the kernel reports the count, then fails
+            raise RespondThenFail(errno.EMSGSIZE, "num_iovas is too small; it now holds the count needed")
         if ranges:
-            memory = self._caller_memory()
+            memory = self._caller_memory(arg)
             try:
                 data = b"".join(struct.pack("<QQ", start, last) for start, last in ranges)
                 memory.write(cmd.allowed_iovas, data)
@@ -330,7 +308,7 @@ class IommufdContext:
             finally:
                 memory.close()
 
-    def _destroy(self, cmd: abi.iommu_destroy) -> None:
+    def _destroy(self, arg: IoctlArg, cmd: abi.iommu_destroy) -> None:
         obj = self.objects.get(cmd.id)
         if obj is None:
             raise VfioError(errno.ENOENT, f"no object {cmd.id}")
@@ -384,13 +362,20 @@ class IommufdContext:
             self._remove(hwpt)
 
 
-_COMMANDS = {
-    abi.IOMMUFD_CMD_IOAS_MAP: _Command(abi.IOMMU_IOAS_MAP, abi.iommu_ioas_map, 40, IommufdContext._ioas_map),
-    abi.IOMMUFD_CMD_IOAS_UNMAP: _Command(abi.IOMMU_IOAS_UNMAP, abi.iommu_ioas_unmap, 24, IommufdContext._ioas_unmap),
-    abi.IOMMUFD_CMD_IOAS_IOVA_RANGES: _Command(
-        abi.IOMMU_IOAS_IOVA_RANGES, abi.iommu_ioas_iova_ranges, 32, IommufdContext._ioas_iova_ranges),
-    abi.IOMMUFD_CMD_DESTROY: _Command(abi.IOMMU_DESTROY, abi.iommu_destroy, 8, IommufdContext._destroy),
-    abi.IOMMUFD_CMD_IOAS_ALLOC: _Command(
-        abi.IOMMU_IOAS_ALLOC, abi.iommu_ioas_alloc, 12, IommufdContext._ioas_alloc
-    ),
-}
+def _iommufd_row(request: int, handler: Callable, struct_type: type, last_field: str) -> Ioctl:
+    return Ioctl(request, handler, struct_type, offsetofend(struct_type, last_field), Style.IOMMUFD)
+
+
+IOMMUFD_IOCTLS = IoctlTable("iommufd", [
+    _iommufd_row(abi.IOMMU_DESTROY, IommufdContext._destroy, abi.iommu_destroy, "id"),
+    _iommufd_row(abi.IOMMU_IOAS_ALLOC, IommufdContext._ioas_alloc, abi.iommu_ioas_alloc, "out_ioas_id"),
+    _iommufd_row(abi.IOMMU_IOAS_IOVA_RANGES, IommufdContext._ioas_iova_ranges, abi.iommu_ioas_iova_ranges,
+                 "out_iova_alignment"),
+    _iommufd_row(abi.IOMMU_IOAS_MAP, IommufdContext._ioas_map, abi.iommu_ioas_map, "iova"),
+    _iommufd_row(abi.IOMMU_IOAS_UNMAP, IommufdContext._ioas_unmap, abi.iommu_ioas_unmap, "length"),
+])
+
+#: iommufd_vfio_ioctl(): the legacy container ioctls /dev/iommu also answers.
+VFIO_COMPAT_IOCTLS = IoctlTable("iommufd's VFIO compatibility", [
+    Ioctl(abi.VFIO_GET_API_VERSION, IommufdContext._api_version, style=Style.RAW),
+])

@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from typing import Callable
 
 from vfiofs import abi
+from vfiofs.abi import PAGE_SIZE
+from vfiofs.core.ioctl import Ioctl, IoctlArg, IoctlTable, Style, offsetofend, place_capabilities
 from vfiofs.errors import VfioError
-from vfiofs.iommu.iommufd import IOVA_LAST, PAGE_SIZE, U64_MAX, Ioas, Mapping
-from vfiofs.host.procmem import ProcessMemory
-from vfiofs.core.usermem import UserBuffer
-from vfiofs.core.ioctl import offsetofend, place_capabilities
+from vfiofs.iommu.iommufd import IOVA_LAST, U64_MAX, Ioas, Mapping
 
 TYPE1_TYPES = (abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU)
 EXTENSIONS = {abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU, abi.VFIO_UNMAP_ALL, abi.VFIO_DMA_CC_IOMMU}
@@ -27,73 +25,80 @@ IOVA_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 DMA_ENTRY_LIMIT = 65535  # type1's default dma_entry_limit
 
 
-class Container:
+class Type1Container:
     """One open of ``vfio/vfio``."""
 
     def __init__(self) -> None:
-        self.groups: list[object] = []  # GroupFile objects attached (the state machine manages this)
+        self.groups: list[object] = []  # groups attached (the state machine decides when)
         self.iommu_type: int | None = None
         self.ioas = Ioas(id=0)
 
     # -- membership (called by the state machine) ---------------------------------------------------
-    def group_detached(self) -> None:
+    @property
+    def iommu_set(self) -> bool:
+        return self.iommu_type is not None
+
+    @property
+    def dma_target(self) -> Ioas:
+        return self.ioas
+
+    def attach_group(self, group: object) -> None:
+        self.groups.append(group)
+
+    def detach_group(self, group: object) -> None:
+        self.groups.remove(group)
         if not self.groups:  # "deprivileged": back to no IOMMU, mappings gone
             self.iommu_type = None
             for mapping in list(self.ioas.mappings):
                 self.ioas.remove(mapping)
 
     # -- ioctls ---------------------------------------------------------------------------------------
-    def ioctl(self, request: int, arg: UserBuffer, value: int,
-              process: Callable[[], ProcessMemory] | None = None) -> int:
-        if request == abi.VFIO_GET_API_VERSION:
-            return abi.VFIO_API_VERSION
-        if request == abi.VFIO_CHECK_EXTENSION:
-            return 1 if value in EXTENSIONS else 0
-        if request == abi.VFIO_SET_IOMMU:
-            if not self.groups or self.iommu_type is not None:
-                raise VfioError(errno.EINVAL, "SET_IOMMU needs an attached group and no IOMMU set yet")
-            if value not in TYPE1_TYPES:
-                raise VfioError(errno.ENODEV, f"no IOMMU driver for type {value}")
-            self.iommu_type = value
-            return 0
+    def ioctl(self, request: int, arg: IoctlArg) -> int:
+        """vfio_fops_unl_ioctl(): the container's own ioctls, then (once SET_IOMMU chose a
+        backend) type1's; before that every other request is ENOTTY."""
+        if request in CONTAINER_IOCTLS:
+            return CONTAINER_IOCTLS.dispatch(self, request, arg)
         if self.iommu_type is None:
             raise VfioError(errno.ENOTTY, f"ioctl {request:#x} needs an IOMMU type (VFIO_SET_IOMMU)")
-        if request == abi.VFIO_IOMMU_GET_INFO:
-            return self._get_info(arg)
-        if request == abi.VFIO_IOMMU_MAP_DMA:
-            return self._map_dma(arg, process)
-        if request == abi.VFIO_IOMMU_UNMAP_DMA:
-            return self._unmap_dma(arg)
-        raise VfioError(errno.ENOTTY, f"ioctl {request:#x} not supported by type1")
+        return TYPE1_IOCTLS.dispatch(self, request, arg)
 
-    def _get_info(self, arg: UserBuffer) -> int:
-        minsz = offsetofend(abi.vfio_iommu_type1_info, "iova_pgsizes")
-        info = arg.read_struct(abi.vfio_iommu_type1_info, minsz)
-        if info.argsz < minsz:
-            raise VfioError(errno.EINVAL, "argsz smaller than vfio_iommu_type1_info")
-        info.flags = abi.VFIO_IOMMU_INFO_PGSIZES | abi.VFIO_IOMMU_INFO_CAPS
-        info.iova_pgsizes = IOVA_PGSIZES
-        caps = [
-            (abi.vfio_info_cap_header(id=abi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, version=1),
-             [(ctypes.c_uint32 * 2)(1, 0), abi.vfio_iova_range(start=0, end=IOVA_LAST)]),
-            (abi.vfio_info_cap_header(id=abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, version=1),
-             [ctypes.c_uint32(DMA_ENTRY_LIMIT - len(self.ioas.mappings))]),
-        ]
-        size = ctypes.sizeof(abi.vfio_iommu_type1_info)
-        room = min(info.argsz, size)  # what the caller's buffer holds, before argsz may be raised
-        place_capabilities(arg, info, caps, size)
-        arg.write_struct(info, room)
+    def _api_version(self, arg: IoctlArg, _: None) -> int:
+        return abi.VFIO_API_VERSION
+
+    def _check_extension(self, arg: IoctlArg, _: None) -> int:
+        return 1 if arg.value in EXTENSIONS else 0
+
+    def _set_iommu(self, arg: IoctlArg, _: None) -> int:
+        if not self.groups or self.iommu_type is not None:
+            raise VfioError(errno.EINVAL, "SET_IOMMU needs an attached group and no IOMMU set yet")
+        if arg.value not in TYPE1_TYPES:
+            raise VfioError(errno.ENODEV, f"no IOMMU driver for type {arg.value}")
+        self.iommu_type = arg.value
         return 0
 
-    def _map_dma(self, arg: UserBuffer, process: Callable[[], ProcessMemory] | None) -> int:
-        minsz = offsetofend(abi.vfio_iommu_type1_dma_map, "size")
-        cmd = arg.read_struct(abi.vfio_iommu_type1_dma_map, minsz)
+    def _get_info(self, arg: IoctlArg, info: abi.vfio_iommu_type1_info) -> int:
+        info.flags = abi.VFIO_IOMMU_INFO_PGSIZES | abi.VFIO_IOMMU_INFO_CAPS
+        info.iova_pgsizes = IOVA_PGSIZES
+        iova_range = abi.vfio_iommu_type1_info_cap_iova_range(
+            header=abi.vfio_info_cap_header(id=abi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, version=1), nr_iovas=1)
+        dma_avail = abi.vfio_iommu_type1_info_dma_avail(
+            header=abi.vfio_info_cap_header(id=abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, version=1),
+            avail=DMA_ENTRY_LIMIT - len(self.ioas.mappings))
+        caps = [(iova_range, [abi.vfio_iova_range(start=0, end=IOVA_LAST)]), (dma_avail, [])]
+        size = ctypes.sizeof(abi.vfio_iommu_type1_info)
+        room = min(info.argsz, size)  # what the caller's buffer holds, before argsz may be raised
+        place_capabilities(arg.buf, info, caps, size)
+        arg.buf.write_struct(info, room)
+        return 0
+
+    def _map_dma(self, arg: IoctlArg, cmd: abi.vfio_iommu_type1_dma_map) -> int:
         known = abi.VFIO_DMA_MAP_FLAG_READ | abi.VFIO_DMA_MAP_FLAG_WRITE
-        if cmd.argsz < minsz or cmd.flags & ~(known | abi.VFIO_DMA_MAP_FLAG_VADDR):
-            raise VfioError(errno.EINVAL, "argsz too small or unknown flags")
+        if cmd.flags & ~(known | abi.VFIO_DMA_MAP_FLAG_VADDR):
+            raise VfioError(errno.EINVAL, "unknown flags")
         if cmd.flags & abi.VFIO_DMA_MAP_FLAG_VADDR:
             raise VfioError(errno.EINVAL, "VFIO_UPDATE_VADDR is not supported")
-        readable, writable = bool(cmd.flags & 1), bool(cmd.flags & 2)
+        readable = bool(cmd.flags & abi.VFIO_DMA_MAP_FLAG_READ)
+        writable = bool(cmd.flags & abi.VFIO_DMA_MAP_FLAG_WRITE)
         mask = PAGE_SIZE - 1
         if not (readable or writable) or not cmd.size or (cmd.size | cmd.iova | cmd.vaddr) & mask:
             raise VfioError(errno.EINVAL, "no READ/WRITE, zero size, or not page-aligned")
@@ -104,9 +109,9 @@ class Container:
             raise VfioError(errno.EEXIST, "the range overlaps an existing mapping")
         if len(self.ioas.mappings) >= DMA_ENTRY_LIMIT:
             raise VfioError(errno.ENOSPC, "dma_entry_limit reached")
-        if process is None:
+        if arg.process is None:
             raise VfioError(errno.EPERM, "the caller's process was not identified (docs/protocol.md §12)")
-        memory = process()
+        memory = arg.process()
         try:
             memory.check_range(cmd.vaddr, cmd.size, write=writable)
         except VfioError:
@@ -116,12 +121,10 @@ class Container:
         self.ioas.mappings.sort(key=lambda m: m.iova)
         return 0
 
-    def _unmap_dma(self, arg: UserBuffer) -> int:
-        minsz = offsetofend(abi.vfio_iommu_type1_dma_unmap, "size")
-        cmd = arg.read_struct(abi.vfio_iommu_type1_dma_unmap, minsz)
+    def _unmap_dma(self, arg: IoctlArg, cmd: abi.vfio_iommu_type1_dma_unmap) -> int:
         known = abi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | abi.VFIO_DMA_UNMAP_FLAG_ALL | abi.VFIO_DMA_UNMAP_FLAG_VADDR
-        if cmd.argsz < minsz or cmd.flags & ~known:
-            raise VfioError(errno.EINVAL, "argsz too small or unknown flags")
+        if cmd.flags & ~known:
+            raise VfioError(errno.EINVAL, "unknown flags")
         if cmd.flags & (abi.VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP | abi.VFIO_DMA_UNMAP_FLAG_VADDR):
             raise VfioError(errno.EINVAL, "dirty tracking and VADDR updates are not supported")
         if cmd.flags & abi.VFIO_DMA_UNMAP_FLAG_ALL:
@@ -140,8 +143,25 @@ class Container:
         for mapping in victims:
             self.ioas.remove(mapping)
         cmd.size = sum(m.length for m in victims)
-        arg.write_struct(cmd, minsz)
+        arg.buf.write_struct(cmd, offsetofend(abi.vfio_iommu_type1_dma_unmap, "size"))
         return 0
 
 
-__all__ = ["Container", "Mapping"]
+#: vfio_fops_unl_ioctl()'s own cases: plain values, no structure.
+CONTAINER_IOCTLS = IoctlTable("the container", [
+    Ioctl(abi.VFIO_GET_API_VERSION, Type1Container._api_version, style=Style.RAW),
+    Ioctl(abi.VFIO_CHECK_EXTENSION, Type1Container._check_extension, style=Style.RAW),
+    Ioctl(abi.VFIO_SET_IOMMU, Type1Container._set_iommu, style=Style.RAW),
+])
+
+#: vfio_iommu_type1_ioctl(), reached once SET_IOMMU chose type1.
+TYPE1_IOCTLS = IoctlTable("type1", [
+    Ioctl(abi.VFIO_IOMMU_GET_INFO, Type1Container._get_info, abi.vfio_iommu_type1_info,
+          offsetofend(abi.vfio_iommu_type1_info, "iova_pgsizes"), Style.VFIO),
+    Ioctl(abi.VFIO_IOMMU_MAP_DMA, Type1Container._map_dma, abi.vfio_iommu_type1_dma_map,
+          offsetofend(abi.vfio_iommu_type1_dma_map, "size"), Style.VFIO),
+    Ioctl(abi.VFIO_IOMMU_UNMAP_DMA, Type1Container._unmap_dma, abi.vfio_iommu_type1_dma_unmap,
+          offsetofend(abi.vfio_iommu_type1_dma_unmap, "size"), Style.VFIO),
+])
+
+__all__ = ["Type1Container", "Mapping"]

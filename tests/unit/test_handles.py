@@ -1,6 +1,6 @@
 """Unit tests of the handle state machine and iommufd objects, driven through the sans-I/O server.
 
-No FUSE here: requests are encoded with the real codec and fed to Server.write/read,
+No FUSE here: requests are encoded with the real codec and fed to Mailbox.write/read,
 exactly as the adapter does, so every rule is checked in microseconds.
 """
 
@@ -14,12 +14,16 @@ import pytest
 from vfiofs import abi
 from vfiofs.abi import protocol
 from vfiofs.errors import VfioError
-from vfiofs.iommu.iommufd import Ioas
+from vfiofs.core.ioctl import IoctlArg
+from vfiofs.core.usermem import UserBuffer
+from vfiofs.iommu.iommufd import IommufdContext
+from vfiofs.iommu.type1 import Type1Container
 from vfiofs.models.api import DeviceModel
 from vfiofs.models.spec import BarSpec, DeviceSpec, PciIdentity
 from vfiofs.abi.protocol import ARG_BUFFER, ARG_NULL, ARG_VALUE, FD_FOREIGN, FD_HANDLE, FdRef, Request
-from vfiofs.core.mailbox import Server
-from vfiofs.core.handles import Device, DeviceFile, HandleState
+from vfiofs.core.mailbox import Mailbox
+from vfiofs.core.grants import Tickets
+from vfiofs.core.handles import TRANSITIONS, Device, DeviceFile, Event, Group, GroupGrant, HandleState
 from vfiofs.pci.vfio_pci import VfioPciDevice
 
 ID = PciIdentity(vendor=0x1234, device=0x5241)
@@ -53,15 +57,19 @@ class SpyModel(DeviceModel):
         super().reset()
 
 
+def make_mailbox(devices) -> Mailbox:
+    return Mailbox(devices, iommufd=IommufdContext, container=Type1Container)
+
+
 class World:
     """A server with two spy devices and helpers that speak the wire protocol."""
 
     def __init__(self) -> None:
         self.models = [SpyModel(), SpyModel()]
-        self.server = Server([Device(i, f"dev{i}", VfioPciDevice(m)) for i, m in enumerate(self.models)])
+        self.server = make_mailbox([Device(i, f"dev{i}", VfioPciDevice(m)) for i, m in enumerate(self.models)])
 
     def token(self, fh: int) -> bytes:
-        return self.server._files[fh].token
+        return self.server.token(fh)
 
     def call(self, fh: int, request: int, arg=None, fds=None) -> tuple[int, bytes]:
         if arg is None:
@@ -244,7 +252,10 @@ def test_closing_the_iommu_handle_does_not_unbind(w):
     assert state(w, dev) is HandleState.BOUND
     info = abi.vfio_device_info(argsz=24)
     assert w.call(dev, abi.VFIO_DEVICE_GET_INFO, info)[0] == 0
-    ioas = ctx._add(Ioas()).id  # the context lives on: its objects still work
+    alloc = abi.iommu_ioas_alloc(size=12)  # the context lives on: its objects still work
+    buf = UserBuffer(bytes(alloc))
+    assert ctx.ioctl(abi.IOMMU_IOAS_ALLOC, IoctlArg(buf)) == 0
+    ioas = abi.iommu_ioas_alloc.from_buffer_copy(bytes(buf.data)).out_ioas_id
     attach = abi.vfio_device_attach_iommufd_pt(argsz=16, pt_id=ioas)
     assert w.call(dev, abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, attach)[0] == 0
 
@@ -362,20 +373,22 @@ def test_pending_replies_are_bounded(w):
     token_request = protocol.encode_request(Request(protocol.OP_GET_TOKEN))
     for tag in range(MAX_PENDING_REPLIES + 10):
         w.server.write(iommu, protocol.control_offset(tag), token_request)
-    assert len(w.server._files[iommu].replies) == MAX_PENDING_REPLIES
+    assert w.server.pending_replies(iommu) == MAX_PENDING_REPLIES
     with pytest.raises(VfioError):
         w.server.read(iommu, protocol.control_offset(0), 100)  # the oldest was dropped
     assert w.server.read(iommu, protocol.control_offset(MAX_PENDING_REPLIES + 9), 100)
 
 
 def test_released_handle_is_gone(w):
-    dev = w.server.open_device(0)
-    token = w.token(dev)
-    w.server.release(dev)
-    with pytest.raises(VfioError) as exc:
-        w.server.read(dev, 0, 4)
-    assert exc.value.errno == errno.EBADF
-    assert token not in w.server._by_token
+    dev, iommu = w.server.open_device(0), w.server.open_iommu()
+    token = w.token(iommu)
+    w.server.release(iommu)
+    for call in (lambda: w.server.read(iommu, 0, 4), lambda: w.server.token(iommu)):
+        with pytest.raises(VfioError) as exc:
+            call()
+        assert exc.value.errno == errno.EBADF
+    # its token names nothing any more: an fd argument carrying it is a foreign file
+    assert w.fails(dev, abi.VFIO_DEVICE_BIND_IOMMUFD, w.bind_struct(), {3: FdRef(FD_HANDLE, token)}) == errno.EBADFD
 
 
 class _NoResetModel(DeviceModel):
@@ -386,7 +399,7 @@ class _NoResetModel(DeviceModel):
 
 
 def test_reset_flag_follows_the_model():
-    server = Server([Device(0, "noreset", VfioPciDevice(_NoResetModel(RAM_SPEC)))])
+    server = make_mailbox([Device(0, "noreset", VfioPciDevice(_NoResetModel(RAM_SPEC)))])
     w = World.__new__(World)
     w.server = server
     dev, iommu = server.open_device(0), server.open_iommu()
@@ -412,3 +425,268 @@ def test_a_model_returning_the_wrong_size_is_eio(w):
     with pytest.raises(VfioError) as exc:
         w.server.read(dev, 0, 4)
     assert exc.value.errno == errno.EIO
+
+
+# --- the transition table: every (state, event) pair -------------------------------------------
+
+BLOCKED, BOUND, GRANTED, CLOSED = HandleState
+E = Event
+_DATA = (E.DEVICE_IOCTL, E.READ, E.WRITE, E.MMAP, E.FSYNC)
+#: (state, event) → the errno it fails with, or the state it leaves the handle in.
+OUTCOMES: dict[tuple[HandleState, Event], int | HandleState] = {
+    **{(BLOCKED, e): errno.EINVAL for e in (E.ATTACH_PT, E.DETACH_PT, *_DATA)},
+    (BLOCKED, E.BIND): BOUND, (BLOCKED, E.CLAIM): GRANTED, (BLOCKED, E.RELEASE): CLOSED,
+    **{(BOUND, e): BOUND for e in (E.ATTACH_PT, E.DETACH_PT, *_DATA)},
+    (BOUND, E.BIND): errno.EINVAL, (BOUND, E.CLAIM): errno.EINVAL, (BOUND, E.RELEASE): CLOSED,
+    **{(GRANTED, e): GRANTED for e in _DATA},
+    (GRANTED, E.ATTACH_PT): errno.ENOTTY, (GRANTED, E.DETACH_PT): errno.ENOTTY,  # cdev-only: the driver's
+    (GRANTED, E.BIND): errno.EINVAL, (GRANTED, E.CLAIM): errno.EINVAL, (GRANTED, E.RELEASE): CLOSED,
+    **{(CLOSED, e): errno.EBADF for e in (E.BIND, E.ATTACH_PT, E.DETACH_PT, *_DATA)},
+    (CLOSED, E.CLAIM): errno.EINVAL, (CLOSED, E.RELEASE): CLOSED,
+}
+
+
+def test_the_table_has_every_pair():
+    assert set(TRANSITIONS) == {(s, e) for s in HandleState for e in Event} == set(OUTCOMES)
+
+
+def legacy_ready(w: World, number: int = 0, uid: int = 0) -> tuple[int, int]:
+    """A group handle with a container whose IOMMU is set: GET_DEVICE_FD may hand out devices."""
+    container, group = w.server.open_container(uid), w.server.open_group(number, uid)
+    w.call(group, abi.VFIO_GROUP_SET_CONTAINER, (3).to_bytes(4, "little"), {3: FdRef(FD_HANDLE, w.token(container))})
+    w.call(container, abi.VFIO_SET_IOMMU, abi.VFIO_TYPE1v2_IOMMU)
+    return group, container
+
+
+def get_device_fd(w: World, group: int, name: str) -> tuple[int, int]:
+    """(device index, ticket), as the client library splits the ioctl's result."""
+    result, _ = w.call(group, abi.VFIO_GROUP_GET_DEVICE_FD, name.encode() + b"\0")
+    return result & 0xFFFF, result >> 16
+
+
+def claim(w: World, fh: int, ticket: int) -> int:
+    message = protocol.encode_request(Request(protocol.OP_CLAIM, arg_kind=ARG_NULL, arg_value=ticket))
+    assert w.server.write(fh, SLOT, message) == len(message)
+    return protocol.decode_reply(w.server.read(fh, SLOT, 64)).result
+
+
+def granted(w: World, group: int, name: str, uid: int = 0) -> int:
+    index, ticket = get_device_fd(w, group, name)
+    fh = w.server.open_device(index, uid)
+    assert claim(w, fh, ticket) == 0
+    return fh
+
+
+def handle_in(w: World, state: HandleState) -> tuple[int, DeviceFile]:
+    fh = w.server.open_device(0)
+    if state is BOUND:
+        w.bind(fh, w.iommu)
+    elif state is GRANTED:
+        fh = granted(w, legacy_ready(w)[0], "dev0")
+    handle = w.server.handle(fh)
+    assert isinstance(handle, DeviceFile)
+    if state is CLOSED:
+        w.server.release(fh)
+    assert handle.state is state
+    return fh, handle
+
+
+def fire(w: World, fh: int, handle: DeviceFile, event: Event) -> None:
+    """``event`` on ``handle`` with arguments that would succeed if the state allowed it."""
+    def ioctl(request: int, struct: ctypes.Structure, files=None) -> None:
+        handle.ioctl(request, IoctlArg(UserBuffer(bytes(struct)), files=files or {}))
+
+    if event is E.BIND:
+        ioctl(abi.VFIO_DEVICE_BIND_IOMMUFD, w.bind_struct(), {3: w.server.handle(w.iommu)})
+    elif event is E.ATTACH_PT:
+        ioctl(abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, abi.vfio_device_attach_iommufd_pt(argsz=16, pt_id=w.ioas))
+    elif event is E.DETACH_PT:
+        ioctl(abi.VFIO_DEVICE_DETACH_IOMMUFD_PT, abi.vfio_device_detach_iommufd_pt(argsz=12))
+    elif event is E.DEVICE_IOCTL:
+        ioctl(abi.VFIO_DEVICE_GET_INFO, abi.vfio_device_info(argsz=24))
+    elif event is E.READ:
+        assert handle.read(0, 4) == bytes(4)
+    elif event is E.WRITE:
+        assert handle.write(0, b"abcd") == 4
+    elif event is E.MMAP:
+        assert handle.map_region(0, 0, 4096) >= 0
+    elif event is E.FSYNC:
+        handle.fsync()
+    elif event is E.CLAIM and handle.state is BLOCKED:  # a real grant for this device
+        index, ticket = get_device_fd(w, legacy_ready(w)[0], "dev0")
+        if claim(w, fh, ticket) != 0:
+            raise AssertionError("claim failed")
+    elif event is E.CLAIM:  # refused before the grant is looked at
+        handle.claim(GroupGrant(w.server.devices[0], group_file=None))  # type: ignore[arg-type]
+    else:
+        handle.release()
+
+
+@pytest.mark.parametrize("state, event", sorted(OUTCOMES, key=lambda k: (list(HandleState).index(k[0]), k[1].name)),
+                         ids=lambda v: v.name)
+def test_every_state_and_event(w, state, event):
+    w.iommu = w.server.open_iommu()
+    w.ioas = w.ioas_alloc(w.iommu)
+    fh, handle = handle_in(w, state)
+    expected = OUTCOMES[state, event]
+    if isinstance(expected, HandleState):
+        fire(w, fh, handle, event)
+        assert handle.state is expected
+    else:
+        with pytest.raises(VfioError) as exc:
+            fire(w, fh, handle, event)
+        assert exc.value.errno == expected
+        assert handle.state is state  # a refused event changes nothing
+
+
+def test_bind_on_a_granted_handle_is_refused_before_the_group_check(w):
+    """df->group is checked before vfio_device_block_group(): EINVAL, not EBUSY."""
+    iommu = w.server.open_iommu()
+    fh = granted(w, legacy_ready(w)[0], "dev0")
+    assert w.fails(fh, abi.VFIO_DEVICE_BIND_IOMMUFD, w.bind_struct(), {3: FdRef(FD_HANDLE, w.token(iommu))}) \
+        == errno.EINVAL
+    # a cdev handle of the same device meets the group in use
+    other = w.server.open_device(0)
+    assert w.fails(other, abi.VFIO_DEVICE_BIND_IOMMUFD, w.bind_struct(),
+                   {3: FdRef(FD_HANDLE, w.token(iommu))}) == errno.EBUSY
+
+
+def test_granted_handles_share_the_device_and_hold_the_group(w):
+    group, container = legacy_ready(w)
+    a, b = granted(w, group, "dev0"), granted(w, group, "dev0")
+    assert w.models[0].calls == ["open"]  # the group path opens a device once, for many handles
+    w.server.write(a, 0, b"both")
+    assert w.server.read(b, 0, 4) == b"both"
+    assert w.fails(group, abi.VFIO_GROUP_UNSET_CONTAINER) == errno.EBUSY
+    w.server.release(group)
+    with pytest.raises(VfioError) as exc:
+        w.server.open_group(0)
+    assert exc.value.errno == errno.EBUSY  # the granted handles keep the group in use
+    w.server.release(a)
+    assert w.models[0].calls == ["open"]
+    w.server.release(b)
+    assert w.models[0].calls == ["open", "close", "reset"]
+    w.server.release(w.server.open_group(0))  # free again
+
+
+def test_group_ioctls_check_order(w):
+    group, iommu = w.server.open_group(0), w.server.open_iommu()
+    status = abi.vfio_group_status(argsz=8)
+    assert w.call(group, abi.VFIO_GROUP_GET_STATUS, status)[0] == 0 and status.flags == abi.VFIO_GROUP_FLAGS_VIABLE
+    assert w.fails(group, abi.VFIO_GROUP_GET_STATUS, abi.vfio_group_status(argsz=7)) == errno.EINVAL
+    assert w.fails(group, abi.VFIO_GROUP_SET_CONTAINER, None) == errno.EFAULT
+    assert w.fails(group, abi.VFIO_GROUP_SET_CONTAINER, (5).to_bytes(4, "little")) == errno.EBADF
+    assert w.fails(group, abi.VFIO_GROUP_SET_CONTAINER, (3).to_bytes(4, "little"),
+                   {3: FdRef(FD_HANDLE, w.token(iommu))}) == errno.EBADFD
+    assert w.fails(group, abi.VFIO_GROUP_UNSET_CONTAINER) == errno.EINVAL
+    assert w.fails(group, abi.VFIO_GROUP_GET_DEVICE_FD, b"dev0") == errno.EFAULT  # no NUL inside the buffer
+    assert w.fails(group, abi.VFIO_GROUP_GET_DEVICE_FD, b"dev0\0") == errno.EINVAL  # no container
+    assert w.fails(group, abi.VFIO_DEVICE_GET_INFO, bytes(24)) == errno.ENOTTY
+    with pytest.raises(VfioError) as exc:
+        w.server.open_group(0)
+    assert exc.value.errno == errno.EBUSY
+
+
+def test_get_device_fd_looks_devices_up_in_its_group_only(w):
+    group, _ = legacy_ready(w)
+    assert w.fails(group, abi.VFIO_GROUP_GET_DEVICE_FD, b"dev1\0") == errno.ENODEV
+    assert w.fails(group, abi.VFIO_GROUP_GET_DEVICE_FD, b"nonsense\0") == errno.ENODEV
+    assert w.models[0].calls == w.models[1].calls == []
+
+
+# --- tickets ------------------------------------------------------------------------------------
+
+def shared_group_world() -> World:
+    w = World.__new__(World)
+    w.models = [SpyModel(), SpyModel()]
+    group = Group(7)
+    w.server = make_mailbox([Device(i, f"dev{i}", VfioPciDevice(m), group) for i, m in enumerate(w.models)])
+    return w
+
+
+def test_a_ticket_is_single_use(w):
+    index, ticket = get_device_fd(w, legacy_ready(w)[0], "dev0")
+    first, second = w.server.open_device(index), w.server.open_device(index)
+    assert claim(w, first, ticket) == 0
+    with pytest.raises(VfioError) as exc:
+        claim(w, second, ticket)
+    assert exc.value.errno == errno.EINVAL
+    assert w.server.handle(second).state is BLOCKED
+
+
+def test_only_the_group_openers_user_may_claim_and_a_wrong_claim_uses_the_ticket(w):
+    index, ticket = get_device_fd(w, legacy_ready(w, uid=1000)[0], "dev0")
+    stranger, owner = w.server.open_device(index, uid=1001), w.server.open_device(index, uid=1000)
+    for fh in (stranger, owner):
+        with pytest.raises(VfioError) as exc:
+            claim(w, fh, ticket)
+        assert exc.value.errno == errno.EINVAL
+    assert w.server.handle(owner).state is BLOCKED
+
+
+def test_only_a_device_handle_of_that_device_claims(w):
+    w = shared_group_world()
+    group, container = legacy_ready(w, 7)
+    index, ticket = get_device_fd(w, group, "dev1")
+    assert index == 1
+    for fh in (container, w.server.open_device(0)):  # not a device handle; another device's handle
+        with pytest.raises(VfioError) as exc:
+            claim(w, fh, ticket)
+        assert exc.value.errno == errno.EINVAL
+
+
+def test_an_unclaimed_grant_lapses_with_its_group(w):
+    group, _ = legacy_ready(w)
+    index, ticket = get_device_fd(w, group, "dev0")
+    assert w.models[0].calls == ["open"]
+    w.server.release(group)
+    assert w.models[0].calls == ["open", "close", "reset"]  # the device it opened is closed again
+    fh = w.server.open_device(index)
+    with pytest.raises(VfioError) as exc:
+        claim(w, fh, ticket)
+    assert exc.value.errno == errno.EINVAL
+
+
+def test_the_oldest_tickets_lapse_beyond_the_limit():
+    lapsed: list[str] = []
+
+    class FakeGrant:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def lapse(self) -> None:
+            lapsed.append(self.name)
+
+    class Claimant:
+        def __init__(self) -> None:
+            self.claimed: list[str] = []
+
+        def claim(self, grant: FakeGrant) -> None:
+            self.claimed.append(grant.name)
+
+    tickets = Tickets(limit=2)
+    issued = [tickets.issue(FakeGrant(name), uid=5) for name in "abc"]
+    assert len(set(issued)) == 3 and all(t & 1 and t < 1 << 46 for t in issued)
+    assert lapsed == ["a"] and len(tickets) == 2
+    holder = Claimant()
+    with pytest.raises(VfioError) as exc:
+        tickets.claim(issued[0], 5, holder)
+    assert exc.value.errno == errno.EINVAL
+    tickets.claim(issued[2], 5, holder)
+    assert holder.claimed == ["c"] and len(tickets) == 1
+
+
+def test_status_tells_how_each_device_is_held(w):
+    iommu = w.server.open_iommu()
+    cdev = w.server.open_device(0, pid=11)
+    w.bind(cdev, iommu)
+    assert w.server.status()["devices"][0]["ioas"] is None
+    ioas = w.ioas_alloc(iommu)
+    w.call(cdev, abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT, abi.vfio_device_attach_iommufd_pt(argsz=16, pt_id=ioas))
+    group, _ = legacy_ready(w, 1)
+    legacy = granted(w, group, "dev1")
+    first, second = w.server.status()["devices"]
+    assert first["bound_by"] == [{"pid": 11, "handle": cdev, "via": "cdev"}] and first["ioas"] == ioas
+    assert second["bound_by"] == [{"pid": 0, "handle": legacy, "via": "group"}] and second["ioas"] == "container"
+    w.server.release(legacy)
+    assert w.server.status()["devices"][1]["bound_by"] == []
