@@ -853,7 +853,7 @@ def table(figures: list[dict]) -> str:
     rows = []
     for f in figures:
         if f["median"] is None:
-            rows.append((f.get("label", f["name"]), NA, "", "", "", "", "", "", "", "-"))
+            rows.append((f.get("label", f["name"]), "n/a", "", "", "", "", "", "", "", "-"))
             continue
         met = "-" if f["met"] is None else ("yes" if f["met"] else "NO")
         rows.append((f.get("label", f["name"]), fmt(f["median"]), fmt(f["p90"]), str(f["n"]), f["unit"],

@@ -18,7 +18,8 @@ from vfiofs.core.ioctl import IoctlArg
 from vfiofs.core.usermem import UserBuffer
 from vfiofs.iommu.iommufd import IommufdContext
 from vfiofs.iommu.type1 import Type1Container
-from vfiofs.models.api import DeviceModel
+from vfiofs.host.memory import bar_memory
+from vfiofs.models.api import DeviceModel, ModelContext
 from vfiofs.models.spec import BarSpec, DeviceSpec, PciIdentity
 from vfiofs.abi.protocol import ARG_BUFFER, ARG_NULL, ARG_VALUE, FD_FOREIGN, FD_HANDLE, FdRef, Request
 from vfiofs.core.mailbox import Mailbox
@@ -37,7 +38,7 @@ class SpyModel(DeviceModel):
     """A RAM device that records its hooks and can be told to fail them."""
 
     def __init__(self) -> None:
-        super().__init__(RAM_SPEC)
+        super().__init__(RAM_SPEC, ModelContext(bar_memory(RAM_SPEC)))  # memfd BARs, as the daemon's: mmap works
         self.calls: list[str] = []
         self.fail_open: BaseException | None = None
         self.fail_close: BaseException | None = None

@@ -14,10 +14,11 @@ PACKAGE = Path(__file__).resolve().parents[2] / "vfiofs"
 ALLOWED = {
     "vfiofs.abi": ("vfiofs.abi", "vfiofs.errors"),
     "vfiofs.core": ("vfiofs.abi", "vfiofs.errors", "vfiofs.core"),
-    "vfiofs.iommu": ("vfiofs.abi", "vfiofs.errors", "vfiofs.core.ioctl", "vfiofs.core.usermem", "vfiofs.models.api",
-                     "vfiofs.iommu"),
-    "vfiofs.pci": ("vfiofs.abi", "vfiofs.errors", "vfiofs.core.ioctl", "vfiofs.core.usermem", "vfiofs.models",
-                   "vfiofs.pci"),
+    # drivers use the core's mechanisms and the interfaces it declares, never its state machine
+    "vfiofs.iommu": ("vfiofs.abi", "vfiofs.errors", "vfiofs.core.ioctl", "vfiofs.core.usermem", "vfiofs.core.ops",
+                     "vfiofs.models.api", "vfiofs.iommu"),
+    "vfiofs.pci": ("vfiofs.abi", "vfiofs.errors", "vfiofs.core.ioctl", "vfiofs.core.usermem", "vfiofs.core.ops",
+                   "vfiofs.models", "vfiofs.pci"),
     "vfiofs.models": ("vfiofs.abi", "vfiofs.errors", "vfiofs.models"),
 }
 

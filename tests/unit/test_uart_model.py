@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from vfiofs.models.api import InterruptSink, ModelContext
+from vfiofs.models.api import InterruptSink
 from vfiofs.host.definitions import bundled_directory, load_definition
 from vfiofs.models.uart import Uart16550
 

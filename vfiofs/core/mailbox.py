@@ -70,12 +70,14 @@ class Mailbox:
     ``container`` make a fresh iommufd context / legacy container for each open of those
     nodes, ``channel`` is where clients deposit descriptors (None: none can be passed),
     ``send_fd(listener, fd, uid)`` hands region memory to a client (None: MAP_REGION is
-    EPROTO), and ``open_memory(pidfd)`` opens a calling process's memory for DMA mappings.
+    EPROTO), ``open_memory(pidfd)`` opens a calling process's memory for DMA mappings, and
+    ``clock()`` stamps trace events (seconds since the epoch).
     """
 
     def __init__(self, devices: Sequence[Device], *, iommufd: Callable[[], IommuContext],
                  container: Callable[[], IommuContainer], channel: DescriptorChannel | None = None,
-                 send_fd: SendFd | None = None, open_memory: OpenMemory | None = None) -> None:
+                 send_fd: SendFd | None = None, open_memory: OpenMemory | None = None,
+                 clock: Callable[[], float] = lambda: 0.0) -> None:
         self.devices = list(devices)
         self._new_iommufd = iommufd
         self._new_container = container
@@ -85,7 +87,7 @@ class Mailbox:
         self._files: dict[int, OpenFile] = {}
         self._by_token: dict[bytes, OpenFile] = {}
         self.tickets = Tickets()  # VFIO_GROUP_GET_DEVICE_FD grants waiting for their CLAIM
-        self.trace = TraceBus()
+        self.trace = TraceBus(clock)
         for device in self.devices:
             device.driver.trace = self.trace
         self._next_fh = itertools.count(1)

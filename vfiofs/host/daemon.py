@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -82,7 +83,7 @@ def build_server(definitions: Sequence[Definition], state_dir: Path | None = Non
             device.driver.model.shutdown()
         raise MountError(str(exc)) from None
     return Mailbox(devices, iommufd=IommufdContext, container=Type1Container, channel=FdChannel(),
-                   send_fd=fdpass.send_fd, open_memory=ProcessMemory.open)
+                   send_fd=fdpass.send_fd, open_memory=ProcessMemory.open, clock=time.time)
 
 
 def keep_large_allocations_on_the_heap() -> None:

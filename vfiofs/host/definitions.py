@@ -23,7 +23,8 @@ from typing import Any, Callable
 from vfiofs.models.api import DeviceModel, ModelContext
 from vfiofs.models.registry import BUILTIN_MODELS
 from vfiofs.pci.config import layout_capabilities
-from vfiofs.models.spec import ACCESS_KINDS, CAPABILITY_KINDS, PAGE_SIZE, BarSpec, Capability, DeviceSpec, PciIdentity, Register
+from vfiofs.abi import PAGE_SIZE
+from vfiofs.models.spec import ACCESS_KINDS, CAPABILITY_KINDS, BarSpec, Capability, DeviceSpec, PciIdentity, Register
 
 if sys.version_info >= (3, 11):
     import tomllib

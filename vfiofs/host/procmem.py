@@ -23,8 +23,6 @@ from dataclasses import dataclass
 
 from vfiofs.errors import VfioError
 
-from vfiofs.abi import PAGE_SIZE
-
 
 def pid_of_pidfd(pidfd: int) -> int:
     """The pid a pidfd refers to in this pid namespace (-1: dead or not visible here)."""

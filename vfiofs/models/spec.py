@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vfiofs.abi import PAGE_SIZE
 
 ACCESS_KINDS = ("ro", "rw", "wo", "w1c", "rc")
 CAPABILITY_KINDS = ("pm", "msi", "msix", "pcie")

@@ -16,15 +16,16 @@ import ctypes
 import errno
 import logging
 from collections import deque
-from typing import Callable, Protocol, TypeVar
+from typing import Callable, TypeVar
 
 from vfiofs import abi
+from vfiofs.core.ops import DmaTarget
 from vfiofs.core.ioctl import Capability, Ioctl, IoctlArg, IoctlTable, Style, offsetofend, place_capabilities
 from vfiofs.errors import VfioError
 from vfiofs.pci.irq import IRQ_INFO_MINSZ, IRQ_SET_MINSZ, IrqController, Trigger
-from vfiofs.models.api import DeviceModel, DmaPort
+from vfiofs.models.api import DeviceModel
 from vfiofs.pci.config import PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
-from vfiofs.models.spec import PAGE_SIZE
+from vfiofs.abi import PAGE_SIZE
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,12 +53,6 @@ _FEATURE_FLAGS = (
 DEVICE_INFO_MINSZ = offsetofend(abi.vfio_device_info, "num_irqs")
 REGION_INFO_MINSZ = offsetofend(abi.vfio_region_info, "offset")
 FEATURE_MINSZ = offsetofend(abi.vfio_device_feature, "flags")
-
-
-class DmaTarget(Protocol):
-    """Where the device's DMA goes (vfiofs.core.ops.DmaTarget; an IOAS implements it)."""
-
-    def dma_port(self, on_fault: Callable[[str], None], on_done: Callable[[str, int, int], None]) -> DmaPort: ...
 
 
 def _ignore(trigger: Trigger) -> None:
