@@ -34,7 +34,7 @@ from __future__ import annotations
 import enum
 import errno
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from vfiofs import abi
 from vfiofs.core.grants import Tickets
@@ -139,7 +139,7 @@ TRANSITIONS: dict[tuple[HandleState, Event], Transition] = {
 }
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """One event's inputs, and what its checks found on the way (``cmd``, ``target``)."""
 
@@ -255,7 +255,7 @@ class DeviceFile:
 
     def __init__(self, device: Device) -> None:
         self.device = device
-        self.state = HandleState.BLOCKED
+        self.state = HandleState.BLOCKED  # (sets self._plan: this state's row of the table)
         self.ictx: IommuContext | None = None  # BOUND: the iommufd it is bound to
         self.devobj: IommuBinding | None = None  # BOUND: its device object there (iommufd_device)
         self.group_file: GroupFile | None = None  # GRANTED: the group handle that granted it
@@ -265,16 +265,25 @@ class DeviceFile:
         """Bound or granted: the handle reaches the driver."""
         return self.state in (HandleState.BOUND, HandleState.GRANTED)
 
+    @property
+    def state(self) -> HandleState:
+        return self._state
+
+    @state.setter
+    def state(self, state: HandleState) -> None:
+        self._state = state
+        self._plan = _PLANS[state]
+
     def fire(self, event: Event, call: Call) -> Any:
-        """Run ``event``: its checks in order, then its action, then the state change."""
-        transition = TRANSITIONS[self.state, event]
-        for check in transition.checks:
-            if isinstance(check, Refuse):
-                raise VfioError(check.errno, check.why)
-            getattr(self, check)(call)
-        result = getattr(self, transition.action)(call) if transition.action else None
-        if transition.then is not None:
-            self.state = transition.then
+        """Run ``event``: its checks in order, then its action, then the state change
+        (:data:`TRANSITIONS`, compiled into :data:`_PLANS` so that a region access costs an
+        index and a call, not a dictionary of enums)."""
+        checks, action, then = self._plan[event.slot]
+        for check in checks:
+            check(self, call)
+        result = action(self, call) if action is not None else None
+        if then is not None:
+            self.state = then
         return result
 
     # -- events -----------------------------------------------------------------------------
@@ -434,18 +443,40 @@ class DeviceFile:
         self.group_file.handle_released()
 
 
-def _check_table() -> None:
-    """Every (state, event) has a transition, and every name in it is a DeviceFile method."""
+def _refusal(refuse: Refuse) -> Callable[[DeviceFile, Call], None]:
+    def check(handle: DeviceFile, call: Call) -> None:
+        raise VfioError(refuse.errno, refuse.why)
+
+    return check
+
+
+_Step = tuple[tuple[Callable[[DeviceFile, Call], None], ...], Callable[[DeviceFile, Call], Any] | None,
+              "HandleState | None"]
+
+
+def _compile_table() -> dict[HandleState, tuple[_Step, ...]]:
+    """:data:`TRANSITIONS` as functions: for each state, one step per event, indexed by
+    ``event.slot``. Every (state, event) must have a transition and every name in it must
+    be a DeviceFile method (checked here, at import)."""
+    for slot, event in enumerate(Event):
+        event.slot = slot  # type: ignore[attr-defined]
+    plans = {}
     for state in HandleState:
+        steps = []
         for event in Event:
             transition = TRANSITIONS[state, event]
             names = [c for c in transition.checks if isinstance(c, str)] + [transition.action or "fire"]
             missing = [name for name in names if not callable(getattr(DeviceFile, name, None))]
             if missing:  # pragma: no cover - guards edits of the table
                 raise AssertionError(f"({state.name}, {event.name}) names unknown methods {missing}")
+            checks = tuple(_refusal(c) if isinstance(c, Refuse) else getattr(DeviceFile, c) for c in transition.checks)
+            action = getattr(DeviceFile, transition.action) if transition.action else None
+            steps.append((checks, action, transition.then))
+        plans[state] = tuple(steps)
+    return plans
 
 
-_check_table()
+_PLANS = _compile_table()
 
 
 class ContainerFile(ControlNode):
