@@ -65,6 +65,8 @@ def mounts(pytester: pytest.Pytester) -> list[Path]:
 
 def test_default_bundled_devices(pytester: pytest.Pytester) -> None:
     write_tests(pytester, """
+        import json
+
         from vfiofs.client import IommuFd, VfioDevice
         from vfiofs.host.definitions import bundled_directory
 
@@ -74,7 +76,8 @@ def test_default_bundled_devices(pytester: pytest.Pytester) -> None:
             assert [p.name for p in vfiofs.devices] == [f"vfio{i}" for i in range(5)]
             assert vfiofs.device(4) == vfiofs.path / "vfio" / "devices" / "vfio4"
             assert vfiofs.iommu.exists() and (vfiofs.sys / "bus" / "pci" / "devices").is_dir()
-            assert vfiofs._iommufd is None  # opened lazily
+            status = json.loads((vfiofs.path / ".vfiofs" / "status").read_text())
+            assert status["open_handles"] == 0  # the iommufd is opened lazily, by the first bind
             dev = vfiofs.bind(4)
             assert isinstance(dev, VfioDevice) and isinstance(vfiofs.iommufd, IommuFd)
             assert read32(dev, 0) == 0x010000ED  # edu

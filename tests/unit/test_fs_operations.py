@@ -57,7 +57,7 @@ def bind_message(token: bytes, iommufd: int = 5) -> bytes:
 
 def bind(server, device_fh: int, iommu_fh: int) -> None:
     """VFIO_DEVICE_BIND_IOMMUFD through the sans-I/O server, as a client would send it."""
-    message = bind_message(server._files[iommu_fh].token)
+    message = bind_message(server.token(iommu_fh))
     assert server.write(device_fh, protocol.control_offset(1), message) == len(message)
     reply = protocol.decode_reply(server.read(device_fh, protocol.control_offset(1), 4096))
     assert reply.result == 0
@@ -252,7 +252,7 @@ async def test_mailbox_round_trip_through_the_adapter(ops, server):
     device_fh = (await ops.open(VFIO0, 0, CTX)).fh
     iommu_fh = (await ops.open(IOMMU, 0, CTX)).fh
     slot = protocol.control_offset(42)
-    message = bind_message(server._files[iommu_fh].token)
+    message = bind_message(server.token(iommu_fh))
     assert await ops.write(device_fh, slot, message) == len(message)
     reply = protocol.decode_reply(await ops.read(device_fh, slot, 4096))
     assert (reply.op, reply.request, reply.result) == (OP_IOCTL, abi.VFIO_DEVICE_BIND_IOMMUFD, 0)
@@ -359,7 +359,7 @@ async def test_model_refusing_open_fails_the_bind_cleanly(ops, server, monkeypat
         raise VfioError(-5, "negative errno")
 
     monkeypatch.setattr(server.devices[0].driver.model, "open", refuses)
-    message = bind_message(server._files[iommu_fh].token)
+    message = bind_message(server.token(iommu_fh))
     assert await fuse_errno(ops.write(device_fh, protocol.control_offset(0), message)) == errno.EIO
     assert server.handle(device_fh).state is HandleState.BLOCKED
     assert server.devices[0].bound_file is None
