@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from vfiofs.client import IommuFd, VfioDevice
 from vfiofs.host.mounting import MountProcess, is_mounted, start  # noqa: F401 (is_mounted: for the tests)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +60,13 @@ class Mount:
 
     def alive(self) -> bool:
         return self.daemon.alive()
+
+    @contextlib.contextmanager
+    def bound(self, node: int | str) -> Iterator[VfioDevice]:
+        """Device ``node`` (an index or a node path) bound to a fresh iommufd; both closed after."""
+        with IommuFd(self.iommu) as iommu, VfioDevice(self.device(node) if isinstance(node, int) else node) as dev:
+            dev.bind_iommufd(iommu)
+            yield dev
 
 
 def start_mount(mountpoint: Path, devices: Path | None = None, options: tuple[str, ...] = (),
@@ -123,3 +131,36 @@ def run_dma(dev, command: int, iova: int, size: int) -> int:
     dev.write(0, 0x28, size.to_bytes(8, "little"))
     dev.write(0, 0x30, command.to_bytes(4, "little"))
     return int.from_bytes(dev.read(0, 0x38, 4), "little")
+
+
+class RecordingSink:
+    """An interrupt sink for model tests: records what a model drives, in order —
+    ``("irq", index, vector)`` messages and ``("intx", asserted)`` levels — and the INTx
+    level now. ``irq_type`` is what the model sees as the driver's choice."""
+
+    def __init__(self, irq_type: str = "none") -> None:
+        self.irq_type = irq_type
+        self.events: list[tuple] = []
+        self.level = False
+
+    def raise_irq(self, index: int, vector: int = 0) -> None:
+        self.events.append(("irq", index, vector))
+
+    def set_intx(self, asserted: bool) -> None:
+        self.level = asserted
+        self.events.append(("intx", asserted))
+
+    def take(self) -> list[tuple]:
+        """The events since the last take."""
+        events, self.events = self.events, []
+        return events
+
+
+async def fuse_errno(coro) -> int:
+    """The errno an adapter handler fails with (as a pyfuse3.FUSEError); fails the test if it succeeds."""
+    import pyfuse3
+    import pytest
+
+    with pytest.raises(pyfuse3.FUSEError) as exc:
+        await coro
+    return exc.value.errno

@@ -36,12 +36,8 @@ def edu_node(mount) -> str:
 
 @pytest.fixture
 def bound(mount):
-    iommu = IommuFd(mount.iommu)
-    dev = VfioDevice(edu_node(mount))
-    dev.bind_iommufd(iommu)
-    yield dev
-    dev.close()
-    iommu.close()
+    with mount.bound(edu_node(mount)) as dev:
+        yield dev
 
 
 def pread(dev: VfioDevice, offset: int, size: int = 4) -> int:

@@ -32,12 +32,8 @@ def irqmount(models_mount):
 
 @pytest.fixture
 def dev(irqmount):
-    iommu = IommuFd(irqmount.iommu)
-    device = VfioDevice(irqmount.device(0))
-    device.bind_iommufd(iommu)
-    yield device
-    device.close()
-    iommu.close()
+    with irqmount.bound(0) as device:
+        yield device
 
 
 def eventfds(n: int) -> list[int]:

@@ -25,12 +25,8 @@ KiB = 1024
 
 @pytest.fixture
 def bound(mount):
-    iommu = IommuFd(mount.iommu)
-    dev = VfioDevice(mount.device(2))  # the showcase device
-    dev.bind_iommufd(iommu)
-    yield dev
-    dev.close()
-    iommu.close()
+    with mount.bound(2) as dev:  # the showcase device
+        yield dev
 
 
 def test_mapping_is_coherent_with_trapped_access(bound):

@@ -23,12 +23,8 @@ CFG = vc.VFIO_PCI_CONFIG_REGION_INDEX
 
 @pytest.fixture
 def showcase(mount):
-    iommu = IommuFd(mount.iommu)
-    dev = VfioDevice(mount.device(2))
-    dev.bind_iommufd(iommu)
-    yield dev
-    dev.close()
-    iommu.close()
+    with mount.bound(2) as dev:
+        yield dev
 
 
 def cfg_read(dev: VfioDevice, offset: int, width: int) -> int:

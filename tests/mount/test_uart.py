@@ -13,7 +13,6 @@ import time
 import pytest
 
 from support import errno_of, wait_until
-from vfiofs.client import IommuFd, VfioDevice
 
 RBR = THR = 0
 IER = 1
@@ -30,12 +29,8 @@ UART = 3  # devices/uart.toml sorts after showcase.toml: vfio3
 
 @pytest.fixture
 def bound_uart(mount):
-    iommu = IommuFd(mount.iommu)
-    dev = VfioDevice(mount.device(UART))
-    dev.bind_iommufd(iommu)
-    yield dev
-    dev.close()
-    iommu.close()
+    with mount.bound(UART) as dev:
+        yield dev
 
 
 def port_path(mount, index: int = UART) -> str:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
+from support import RecordingSink
 from vfiofs import abi
-from vfiofs.models.api import DmaFault, InterruptSink, ModelContext
+from vfiofs.models.api import DmaFault, ModelContext
 from vfiofs.host.definitions import bundled_directory, load_definition
 from vfiofs.models.edu import EduDevice, factorial32
 from vfiofs.models.timers import ManualScheduler
@@ -26,24 +27,6 @@ HOST_SIZE = 0x4000
 
 
 # -- fixtures for the unit tests --------------------------------------------------------------------
-
-class RecordingSink(InterruptSink):
-    """Records what the model signals; ``irq_type`` says whether the driver enabled MSI."""
-
-    def __init__(self, irq_type: str = "none") -> None:
-        self.irq_type = irq_type
-        self.events: list[tuple] = []
-
-    def raise_irq(self, index: int, vector: int = 0) -> None:
-        self.events.append(("msg", index, vector))
-
-    def set_intx(self, asserted: bool) -> None:
-        self.events.append(("intx", asserted))
-
-    def take(self) -> list[tuple]:
-        events, self.events = self.events, []
-        return events
-
 
 class FakeDma:
     """One mapping [HOST_IOVA, HOST_IOVA + HOST_SIZE) over a bytearray; DmaFault elsewhere."""
@@ -228,7 +211,7 @@ def test_factorial_interrupt_by_msi(msi_edu):
     wr(msi_edu, 0x20, 0x80)
     wr(msi_edu, 0x08, 12)
     advance(msi_edu)
-    assert msi_edu.irqs.take() == [("msg", MSI, 0)]
+    assert msi_edu.irqs.take() == [("irq", MSI, 0)]
     assert rd(msi_edu, 0x08) == 479001600 and rd(msi_edu, 0x24) == 0x1
     wr(msi_edu, 0x64, 0x1)  # the driver acks with MSI too; no INTx change
     assert rd(msi_edu, 0x24) == 0
@@ -258,12 +241,12 @@ def test_raise_sends_an_msi_message_on_every_write(msi_edu):
     wr(msi_edu, 0x60, 0x4)
     wr(msi_edu, 0x60, 0x4)
     wr(msi_edu, 0x60, 0)  # irq_status is still non-zero: another message
-    assert sink.take() == [("msg", MSI, 0)] * 3
+    assert sink.take() == [("irq", MSI, 0)] * 3
     assert rd(msi_edu, 0x24) == 0x4
     wr(msi_edu, 0x64, 0x4)
     assert rd(msi_edu, 0x24) == 0 and sink.take() == []  # MSI enabled: no deassert
     wr(msi_edu, 0x60, 0x8000_0000)
-    assert rd(msi_edu, 0x24) == 0x8000_0000 and sink.take() == [("msg", MSI, 0)]
+    assert rd(msi_edu, 0x24) == 0x8000_0000 and sink.take() == [("irq", MSI, 0)]
 
 
 def test_switching_from_msi_back_to_intx(msi_edu):
@@ -418,7 +401,7 @@ def test_dma_irq_0x100(edu, msi_edu):
     assert edu.irqs.take() == [("intx", False)]
     start_dma(msi_edu, 0x40000, HOST_IOVA, 16, 0x1 | 0x2 | 0x4)
     advance(msi_edu, 0.1)
-    assert msi_edu.irqs.take() == [("msg", MSI, 0)]
+    assert msi_edu.irqs.take() == [("irq", MSI, 0)]
     assert rd(msi_edu, 0x24) == 0x100
 
 

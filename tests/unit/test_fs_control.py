@@ -11,12 +11,10 @@ import select
 import pyfuse3
 import pytest
 
+from support import fuse_errno
 from vfiofs import abi
 from vfiofs.errors import VfioError
-from vfiofs.fs.operations import VfioOperations
 from vfiofs.fs.tree import CONTROL_INODE_BASE
-from vfiofs.host.daemon import build_server
-from vfiofs.host.definitions import bundled_directory, load_directory
 
 CTX = pyfuse3.RequestContext()
 STATUS, TRACE = CONTROL_INODE_BASE + 1, CONTROL_INODE_BASE + 2
@@ -30,17 +28,6 @@ class FakePollHandle:
 
     def notify(self) -> None:
         self.notified += 1
-
-
-@pytest.fixture
-def ops():
-    return VfioOperations(build_server(load_directory(bundled_directory())), 1000, 1000)
-
-
-async def fuse_errno(coro) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as exc:
-        await coro
-    return exc.value.errno
 
 
 async def walk(ops, path: str) -> int:

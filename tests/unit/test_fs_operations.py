@@ -15,6 +15,7 @@ from types import SimpleNamespace
 import pyfuse3
 import pytest
 
+from support import fuse_errno
 from vfiofs import abi
 from vfiofs.abi import protocol
 from vfiofs.abi import VFIO_PCI_INDEX_TO_OFFSET, vfio_device_bind_iommufd
@@ -69,12 +70,6 @@ async def open_bound(ops, server, inode: int = VFIO0) -> int:
     iommu_fh = (await ops.open(IOMMU, 0, CTX)).fh
     bind(server, device_fh, iommu_fh)
     return device_fh
-
-
-async def fuse_errno(coro) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as exc:
-        await coro
-    return exc.value.errno
 
 
 class Fields(SimpleNamespace):

@@ -10,11 +10,9 @@ import select
 import pyfuse3
 import pytest
 
+from support import fuse_errno
 from vfiofs.errors import VfioError
-from vfiofs.fs.operations import VfioOperations
 from vfiofs.fs.tree import PORTS_INODE_BASE
-from vfiofs.host.daemon import build_server
-from vfiofs.host.definitions import bundled_directory, load_directory
 
 RBR = THR = 0
 UART = 3  # devices/uart.toml sorts after showcase.toml: vfio3
@@ -27,17 +25,6 @@ class FakePollHandle:
         self.notified += 1
         if self.fail:
             raise OSError(errno.ENOENT, "poller gone")
-
-
-@pytest.fixture
-def ops():
-    return VfioOperations(build_server(load_directory(bundled_directory())), 1000, 1000)
-
-
-async def fuse_errno(coro) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as exc:
-        await coro
-    return exc.value.errno
 
 
 async def test_adapter_port_handlers(ops):

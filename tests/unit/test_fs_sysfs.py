@@ -10,6 +10,7 @@ import stat
 import pyfuse3
 import pytest
 
+from support import fuse_errno
 from vfiofs.errors import VfioError
 from vfiofs.fs.operations import VfioOperations
 from vfiofs.host.daemon import build_server
@@ -31,12 +32,6 @@ async def walk(ops, path: str) -> int:
     for name in path.split("/"):
         inode = (await ops.lookup(inode, name.encode(), CTX)).st_ino
     return inode
-
-
-async def fuse_errno(coro) -> int:
-    with pytest.raises(pyfuse3.FUSEError) as exc:
-        await coro
-    return exc.value.errno
 
 
 async def test_adapter_attributes(ops):

@@ -8,26 +8,14 @@ import os
 
 import pytest
 
+from support import RecordingSink
 from vfiofs.errors import VfioError
 from vfiofs.host.memory import BarMemory, StateFileError, bar_memory
-from vfiofs.models.api import DeviceModel, DmaFault, DmaPort, InterruptSink, LocalMemory, ModelContext
+from vfiofs.models.api import DeviceModel, DmaFault, DmaPort, LocalMemory, ModelContext
 from vfiofs.models.spec import BarSpec, DeviceSpec, PciIdentity
 
 SPEC = DeviceSpec(name="ctx", model="generic", identity=PciIdentity(vendor=1, device=2),
                   bars=(BarSpec(0, 4096, mmap=True), BarSpec(2, 64, persist=True)))
-
-
-class Recorder(InterruptSink):
-    irq_type = "msix"
-
-    def __init__(self) -> None:
-        self.events: list[tuple] = []
-
-    def raise_irq(self, index: int, vector: int = 0) -> None:
-        self.events.append(("irq", index, vector))
-
-    def set_intx(self, asserted: bool) -> None:
-        self.events.append(("intx", asserted))
 
 
 class Echo(DmaPort):
@@ -64,7 +52,7 @@ def test_standalone_memory_resets_like_bar_memory():
 
 def test_the_driver_side_connects_interrupts_and_dma():
     model = DeviceModel(SPEC)
-    sink, port = Recorder(), Echo()
+    sink, port = RecordingSink("msix"), Echo()
     model.context.connect_interrupts(sink)
     model.context.connect_dma(port)
     model.raise_irq(2, 3)

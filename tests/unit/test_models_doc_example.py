@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from support import RecordingSink
 from vfiofs import abi
-from vfiofs.models.api import InterruptSink, ModelContext
+from vfiofs.models.api import ModelContext
 from vfiofs.host.definitions import load_definition
 from vfiofs.models.timers import ManualScheduler
 
@@ -32,21 +33,9 @@ def countdown(tmp_path, monkeypatch):
     sys.modules.pop("countdown", None)
 
 
-class Recorder(InterruptSink):
-    def __init__(self, irq_type: str) -> None:
-        self.irq_type = irq_type
-        self.events: list[tuple] = []
-
-    def raise_irq(self, index: int, vector: int = 0) -> None:
-        self.events.append(("msg", index, vector))
-
-    def set_intx(self, asserted: bool) -> None:
-        self.events.append(("intx", asserted))
-
-
 def build(devices: Path, irq_type: str):
     definition = load_definition(devices / "countdown.toml")
-    clock, sink = ManualScheduler(), Recorder(irq_type)
+    clock, sink = ManualScheduler(), RecordingSink(irq_type)
     context = ModelContext.standalone(definition.spec, clock)
     context.connect_interrupts(sink)
     return definition.build(context), clock, sink
@@ -84,7 +73,7 @@ def test_periodic_mode_reloads_and_sends_msi(countdown):
     put(timer, 0x04, 2)
     put(timer, 0x08, 0x1 | 0x2 | 0x4)  # START | PERIODIC | IRQ_ENABLE
     assert clock.advance(0.002) == 2
-    assert sink.events == [("msg", abi.VFIO_PCI_MSI_IRQ_INDEX, 0)]
+    assert sink.events == [("irq", abi.VFIO_PCI_MSI_IRQ_INDEX, 0)]
     assert reg(timer, 0x0C) == 2 and reg(timer, 0x08) == 0x7  # reloaded, still running
     clock.advance(0.002)
     assert len(sink.events) == 2

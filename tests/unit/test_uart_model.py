@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from vfiofs.models.api import InterruptSink
+from support import RecordingSink
 from vfiofs.host.definitions import bundled_directory, load_definition
 from vfiofs.models.uart import Uart16550
 
@@ -25,27 +25,6 @@ MSR_BASE = 0x80 | 0x20 | 0x02  # DCD | DSR | DDSR
 MSR_CTS = 0x10 | 0x01  # CTS | DCTS
 
 
-class RecordingSink(InterruptSink):
-    """Records what the model drives: INTx levels and MSI/MSI-X messages, in order."""
-
-    irq_type = "msi"
-
-    def __init__(self) -> None:
-        self.events: list[tuple] = []
-        self.level = False
-
-    def raise_irq(self, index: int, vector: int = 0) -> None:
-        self.events.append(("irq", index, vector))
-
-    def set_intx(self, asserted: bool) -> None:
-        self.level = asserted
-        self.events.append(("intx", asserted))
-
-    def take(self) -> list[tuple]:
-        events, self.events = self.events, []
-        return events
-
-
 DEFINITION = load_definition(bundled_directory() / "uart.toml")
 
 
@@ -55,7 +34,7 @@ class SmallBufferUart(Uart16550):
 
 @pytest.fixture
 def sink() -> RecordingSink:
-    return RecordingSink()
+    return RecordingSink("msi")
 
 
 @pytest.fixture
