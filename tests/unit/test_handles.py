@@ -691,3 +691,53 @@ def test_status_tells_how_each_device_is_held(w):
     assert second["bound_by"] == [{"pid": 0, "handle": legacy, "via": "group"}] and second["ioas"] == "container"
     w.server.release(legacy)
     assert w.server.status()["devices"][1]["bound_by"] == []
+
+
+# --- issue 13 fidelity: reset keeps mappings, close revokes; overflow; whole sparse BARs ----------
+
+def test_reset_zeroes_shared_memory_in_place_and_release_revokes_it(w):
+    import os
+
+    iommu, fh = w.server.open_iommu(), w.server.open_device(0)
+    w.bind(fh, iommu)
+    memory = w.models[0].context.memory[0]
+    fd = os.dup(w.server.handle(fh).map_region(0, 0, 4096))  # what the binder holds
+    os.pwrite(fd, b"binder", 0)  # as a store through the binder's mapping
+    w.call(fh, abi.VFIO_DEVICE_RESET)
+    assert os.path.samestat(os.fstat(memory.fd), os.fstat(fd)) and os.fstat(fd).st_size == 4096  # same memfd
+    assert os.pread(fd, 6, 0) == bytes(6)  # power-on contents, seen through it
+    os.pwrite(fd, b"again", 0)
+    assert w.server.read(fh, 0, 5) == b"again"
+    w.server.release(fh)  # the bound handle closes: the memory is taken back
+    assert not os.path.samestat(os.fstat(memory.fd), os.fstat(fd))
+    assert os.fstat(fd).st_size == 0  # old mappings fault (SIGBUS)
+    assert memory.read(0, 5) == bytes(5)
+    os.close(fd)
+
+
+def test_type1_map_and_unmap_overflow_is_eoverflow(w):
+    group, container = legacy_ready(w)
+    page = 4096
+    overflowing = abi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=0x10000, iova=(1 << 64) - page,
+                                               size=2 * page)
+    assert w.fails(container, abi.VFIO_IOMMU_MAP_DMA, overflowing) == errno.EOVERFLOW
+    vaddr_wraps = abi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=(1 << 64) - page, iova=0, size=2 * page)
+    assert w.fails(container, abi.VFIO_IOMMU_MAP_DMA, vaddr_wraps) == errno.EOVERFLOW
+    beyond = abi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=0x10000, iova=1 << 48, size=page)
+    assert w.fails(container, abi.VFIO_IOMMU_MAP_DMA, beyond) == errno.EINVAL  # no overflow: the aperture
+    unaligned = abi.vfio_iommu_type1_dma_map(argsz=32, flags=3, vaddr=0x10000, iova=(1 << 64) - page, size=100)
+    assert w.fails(container, abi.VFIO_IOMMU_MAP_DMA, unaligned) == errno.EINVAL  # alignment comes first
+    unmap = abi.vfio_iommu_type1_dma_unmap(argsz=24, iova=(1 << 64) - page, size=2 * page)
+    assert w.fails(container, abi.VFIO_IOMMU_UNMAP_DMA, unmap) == errno.EOVERFLOW
+
+
+def test_a_sparse_bar_maps_whole_like_vfio_pci_core_mmap():
+    spec = DeviceSpec(name="sparse", model="generic", identity=ID,
+                      bars=(BarSpec(index=1, size=0x10000, mmap=True, mmap_areas=((0x1000, 0xF000),)),))
+    driver = VfioPciDevice(DeviceModel(spec, ModelContext(bar_memory(spec))))
+    whole = driver.map_region(1, 0, 0x10000)
+    assert driver.map_region(1, 0, 4096) == whole  # the register page too: the same memory
+    for offset, length in ((0, 0x11000), (0x800, 4096), (0, 0)):
+        with pytest.raises(VfioError) as exc:
+            driver.map_region(1, offset, length)
+        assert exc.value.errno == errno.EINVAL

@@ -2,9 +2,12 @@
 
 BAR memory lives in a memfd. The daemon reads and writes it with pread/pwrite and never
 maps it itself: the binder may hold the same memfd (see :meth:`BarMemory.share`), and
-a client that shrank a file the daemon had mapped could make the daemon fault. Revoking
-access truncates the memfd the binder holds (its mappings then raise SIGBUS) and moves
-the device onto a fresh memfd, so an old mapping can never reach a later binder's data.
+a client that shrank a file the daemon had mapped could make the daemon fault. A reset
+(:meth:`BarMemory.reset`) zeroes the memfd in place, so the binder's mappings stay valid
+across VFIO_DEVICE_RESET as the kernel's do. Revoking access (:meth:`BarMemory.revoke`,
+when the bound handle closes) truncates the memfd the binder holds (its mappings then
+raise SIGBUS) and moves the device onto a fresh memfd, so an old mapping can never reach
+a later binder's data.
 
 The daemon builds one :class:`BarMemory` per BAR (:func:`bar_memory`) and hands them to the
 model through its :class:`~vfiofs.models.api.ModelContext`; a model never builds its own.
@@ -12,6 +15,8 @@ model through its :class:`~vfiofs.models.api.ModelContext`; a model never builds
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -21,11 +26,41 @@ from vfiofs.models.spec import DeviceSpec
 _CHUNK = 1 << 20
 
 
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+
+def _extents(fd: int, size: int) -> list[tuple[int, int]]:
+    """The (offset, length) ranges of ``fd`` that hold data (holes read as zeros and need no copy)."""
+    extents, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # only a hole is left
+                break
+            return [(0, size)]  # no SEEK_DATA here: copy everything
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        extents.append((start, end - start))
+        offset = end
+    return extents
+
+
 def _copy(src: int, dst: int, size: int) -> None:
+    for start, length in _extents(src, size):
+        for offset in range(start, start + length, _CHUNK):
+            data = os.pread(src, min(_CHUNK, start + length - offset), offset)
+            os.pwrite(dst, data, offset)
+
+
+def _zero(fd: int, size: int) -> None:
+    """Zero ``fd`` in place, keeping its size: mappings of it stay valid and read zeros."""
+    if _libc.fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, 0, size) == 0:
+        return
+    zeros = bytes(min(_CHUNK, size))  # a file system without hole punching
     for offset in range(0, size, _CHUNK):
-        data = os.pread(src, min(_CHUNK, size - offset), offset)
-        data += bytes(min(_CHUNK, size - offset) - len(data))
-        os.pwrite(dst, data, offset)
+        os.pwrite(fd, zeros[: min(_CHUNK, size - offset)], offset)
 
 
 class StateFileError(Exception):
@@ -89,17 +124,20 @@ class BarMemory:
         return self.fd
 
     def reset(self, keep: bool) -> None:
-        """Revoke every mapping handed out; keep the contents or zero them."""
-        if self.shared:
-            fresh = self._fresh()
-            if keep:
-                _copy(self.fd, fresh, self.size)
-            os.ftruncate(self.fd, 0)  # every old mapping now faults
-            os.close(self.fd)
-            self.fd, self.shared = fresh, False
-        elif not keep:
-            os.ftruncate(self.fd, 0)
-            os.ftruncate(self.fd, self.size)
+        """Power-on contents, in place: zeroed unless ``keep``; mappings handed out stay valid."""
+        if not keep:
+            _zero(self.fd, self.size)
+
+    def revoke(self) -> None:
+        """Take the memory back from every mapping handed out (they fault from now on); the
+        device goes on with the same contents in a fresh memfd nobody else holds."""
+        if not self.shared:
+            return
+        fresh = self._fresh()
+        _copy(self.fd, fresh, self.size)
+        os.ftruncate(self.fd, 0)  # every old mapping now faults
+        os.close(self.fd)
+        self.fd, self.shared = fresh, False
 
     def sync(self) -> None:
         """Make the contents durable in the state file (no-op without one)."""

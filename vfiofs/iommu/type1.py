@@ -103,8 +103,10 @@ class Type1Container:
         if not (readable or writable) or not cmd.size or (cmd.size | cmd.iova | cmd.vaddr) & mask:
             raise VfioError(errno.EINVAL, "no READ/WRITE, zero size, or not page-aligned")
         last = cmd.iova + cmd.size - 1
-        if last > U64_MAX or cmd.vaddr + cmd.size - 1 > U64_MAX or last > IOVA_LAST:
-            raise VfioError(errno.EINVAL, "range overflows or leaves the IOVA aperture")
+        if last > U64_MAX or cmd.vaddr + cmd.size - 1 > U64_MAX:  # check_add_overflow()
+            raise VfioError(errno.EOVERFLOW, "iova + size or vaddr + size overflows")
+        if last > IOVA_LAST:
+            raise VfioError(errno.EINVAL, "range leaves the IOVA aperture")
         if self.ioas.overlaps(cmd.iova, last):
             raise VfioError(errno.EEXIST, "the range overlaps an existing mapping")
         if len(self.ioas.mappings) >= DMA_ENTRY_LIMIT:
@@ -132,8 +134,10 @@ class Type1Container:
                 raise VfioError(errno.EINVAL, "UNMAP_ALL takes iova 0 and size 0")
             victims = list(self.ioas.mappings)
         else:
-            if not cmd.size or (cmd.iova | cmd.size) & (PAGE_SIZE - 1) or cmd.iova + cmd.size - 1 > U64_MAX:
-                raise VfioError(errno.EINVAL, "zero size, not page-aligned, or overflowing")
+            if not cmd.size or (cmd.iova | cmd.size) & (PAGE_SIZE - 1):
+                raise VfioError(errno.EINVAL, "zero size or not page-aligned")
+            if cmd.iova + cmd.size - 1 > U64_MAX:
+                raise VfioError(errno.EOVERFLOW, "iova + size overflows")
             last = cmd.iova + cmd.size - 1
             first = self.ioas.find(cmd.iova)
             final = self.ioas.find(last)

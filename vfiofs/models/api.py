@@ -54,7 +54,11 @@ class Memory(Protocol):
     def write(self, offset: int, data: bytes) -> None: ...
 
     def reset(self, keep: bool) -> None:
-        """Power-on: revoke what was shared; zero the contents unless ``keep``."""
+        """Power-on contents, in place: zeroed unless ``keep``. Mappings the binder holds stay
+        valid and show the new contents (the kernel keeps BAR mmaps across a reset)."""
+
+    def revoke(self) -> None:
+        """The bound handle closed: mappings handed out fault from now on; contents are kept."""
 
     def sync(self) -> None:
         """Make persistent contents durable."""
@@ -85,6 +89,9 @@ class LocalMemory:
     def reset(self, keep: bool) -> None:
         if not keep:
             self._data[:] = bytes(self.size)
+
+    def revoke(self) -> None:
+        pass  # never shared
 
     def sync(self) -> None:
         pass
@@ -339,7 +346,8 @@ class DeviceModel:
         """Called when the bound handle is closed (``close_device``); the driver resets afterwards."""
 
     def reset(self) -> None:
-        """Power-on state: registers, non-persistent memory, no pending timers; revokes mappings."""
+        """Power-on state: registers, non-persistent memory, no pending timers. Mappings of the
+        BARs stay valid (closing the bound handle revokes them, not a reset)."""
         self.context.cancel_timers()
         for bar in self.bars:
             self.context.memory[bar.index].reset(keep=bar.persist)

@@ -120,10 +120,13 @@ class VfioPciDevice:
                 call_model(what, hook)
             except VfioError as exc:
                 log.warning("ignoring %s during close: %s", what, exc)
+        for memory in self.model.context.memory.values():
+            memory.revoke()  # after the reset: only power-on contents move to the fresh memory
         self.config = self._fresh_config()
 
     def _function_reset(self) -> None:
-        """VFIO_DEVICE_RESET and PCIe FLR: power-on state, mappings revoked, interrupts torn down."""
+        """VFIO_DEVICE_RESET and PCIe FLR: power-on state, interrupts torn down; the binder's BAR
+        mappings stay valid and show the reset contents (vfio-pci zaps and re-faults them)."""
         self.irqs.teardown()
         call_model("reset", self.model.reset)
         self.config = self._fresh_config()
@@ -334,7 +337,13 @@ class VfioPciDevice:
 
     # -- mmap (vfio_pci_core_mmap) --------------------------------------------------------------
     def map_region(self, index: int, offset: int, length: int) -> int:
-        """The memfd behind ``length`` bytes at ``offset`` of BAR ``index``; EINVAL as mmap would."""
+        """The memfd behind ``length`` bytes at ``offset`` of BAR ``index``; EINVAL as mmap would.
+
+        vfio_pci_core_mmap()'s rule: any page range inside PAGE_ALIGN(size) of a BAR that has
+        FLAG_MMAP. The sparse mmap areas and the MSI-X table are not checked: since the kernel
+        reports MSIX_MAPPABLE, the whole BAR may be mapped. Outside the areas such a mapping
+        shows the BAR's memory, not its trapped registers (docs/protocol.md §10).
+        """
         if index >= self.num_regions:
             raise VfioError(errno.EINVAL, f"no region {index}")
         bar = self.spec.bar(index) if index <= abi.VFIO_PCI_BAR5_REGION_INDEX else None
@@ -342,8 +351,6 @@ class VfioPciDevice:
             raise VfioError(errno.EINVAL, f"region {index} cannot be mapped")
         if offset % PAGE_SIZE or length <= 0 or offset + length > page_align(bar.size):
             raise VfioError(errno.EINVAL, "mapping not page-aligned or beyond the region")
-        if not any(a <= offset and offset + length <= a + n for a, n in bar.mappable_areas):
-            raise VfioError(errno.EINVAL, "mapping outside the region's sparse mmap areas")
         return self.model.context.memory[index].share()
 
 
