@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import struct
 
 import pytest
 
@@ -577,9 +578,11 @@ def test_group_ioctls_check_order(w):
     assert w.fails(group, abi.VFIO_GROUP_GET_STATUS, abi.vfio_group_status(argsz=7)) == errno.EINVAL
     assert w.fails(group, abi.VFIO_GROUP_SET_CONTAINER, None) == errno.EFAULT
     assert w.fails(group, abi.VFIO_GROUP_SET_CONTAINER, (5).to_bytes(4, "little")) == errno.EBADF
+    device = w.server.open_device(1)  # neither a container nor an iommufd
     assert w.fails(group, abi.VFIO_GROUP_SET_CONTAINER, (3).to_bytes(4, "little"),
-                   {3: FdRef(FD_HANDLE, w.token(iommu))}) == errno.EBADFD
+                   {3: FdRef(FD_HANDLE, w.token(device))}) == errno.EBADFD
     assert w.fails(group, abi.VFIO_GROUP_UNSET_CONTAINER) == errno.EINVAL
+    assert iommu
     assert w.fails(group, abi.VFIO_GROUP_GET_DEVICE_FD, b"dev0") == errno.EFAULT  # no NUL inside the buffer
     assert w.fails(group, abi.VFIO_GROUP_GET_DEVICE_FD, b"dev0\0") == errno.EINVAL  # no container
     assert w.fails(group, abi.VFIO_DEVICE_GET_INFO, bytes(24)) == errno.ENOTTY
@@ -741,3 +744,172 @@ def test_a_sparse_bar_maps_whole_like_vfio_pci_core_mmap():
         with pytest.raises(VfioError) as exc:
             driver.map_region(1, offset, length)
         assert exc.value.errno == errno.EINVAL
+
+
+# --- iommufd's VFIO compatibility container (drivers/iommu/iommufd/vfio_compat.c) ----------------
+
+class FakeMemory:
+    """A process's memory for DMA-mapping commands: any range is mappable."""
+
+    def check_range(self, addr: int, length: int, write: bool) -> None:
+        pass
+
+    def read(self, addr: int, size: int) -> bytes:
+        return bytes(size)
+
+    def write(self, addr: int, data: bytes) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def compat_call(ctx: IommufdContext, request: int, arg=None):
+    """(result, bytes written back) of ``request`` on the context, with a process to map from."""
+    if isinstance(arg, int):
+        ioctl_arg = IoctlArg(UserBuffer(None), value=arg, process=FakeMemory)
+    else:
+        ioctl_arg = IoctlArg(UserBuffer(bytes(arg) if arg is not None else None), process=FakeMemory)
+    result = ctx.ioctl(request, ioctl_arg)
+    return result, bytes(ioctl_arg.buf.copy_from(0, len(ioctl_arg.buf))) if arg is not None and not isinstance(arg, int) else b""
+
+
+def compat_errno(ctx: IommufdContext, request: int, arg=None) -> int:
+    with pytest.raises(VfioError) as exc:
+        compat_call(ctx, request, arg)
+    return exc.value.errno
+
+
+PAGE = 4096
+
+
+def dma_map(vaddr: int, iova: int, size: int, flags: int = 3) -> abi.vfio_iommu_type1_dma_map:
+    return abi.vfio_iommu_type1_dma_map(argsz=32, flags=flags, vaddr=vaddr, iova=iova, size=size)
+
+
+def dma_unmap(iova: int, size: int, flags: int = 0) -> abi.vfio_iommu_type1_dma_unmap:
+    return abi.vfio_iommu_type1_dma_unmap(argsz=24, flags=flags, iova=iova, size=size)
+
+
+def test_compat_before_a_group_is_attached():
+    """Without a compat IOAS every command that needs one is ENODEV, after its own checks."""
+    ctx = IommufdContext()
+    assert compat_call(ctx, abi.VFIO_GET_API_VERSION)[0] == abi.VFIO_API_VERSION
+    for ext, answer in ((abi.VFIO_TYPE1_IOMMU, 1), (abi.VFIO_TYPE1v2_IOMMU, 1), (abi.VFIO_UNMAP_ALL, 1),
+                        (abi.VFIO_UPDATE_VADDR, 0), (abi.VFIO_NOIOMMU_IOMMU, 0), (2, 0), (0, 0)):
+        assert compat_call(ctx, abi.VFIO_CHECK_EXTENSION, ext)[0] == answer
+    assert compat_errno(ctx, abi.VFIO_CHECK_EXTENSION, abi.VFIO_DMA_CC_IOMMU) == errno.ENODEV
+    assert compat_errno(ctx, abi.VFIO_SET_IOMMU, 2) == errno.EINVAL  # the type first
+    assert compat_errno(ctx, abi.VFIO_SET_IOMMU, abi.VFIO_TYPE1v2_IOMMU) == errno.ENODEV
+    assert compat_errno(ctx, abi.VFIO_IOMMU_GET_INFO, abi.vfio_iommu_type1_info(argsz=15)) == errno.EINVAL
+    assert compat_errno(ctx, abi.VFIO_IOMMU_GET_INFO, abi.vfio_iommu_type1_info(argsz=24)) == errno.ENODEV
+    assert compat_errno(ctx, abi.VFIO_IOMMU_MAP_DMA, dma_map(0x10000, 0, PAGE, flags=4)) == errno.EINVAL
+    assert compat_errno(ctx, abi.VFIO_IOMMU_MAP_DMA, dma_map(0x10000, 0, PAGE)) == errno.ENODEV
+    assert compat_errno(ctx, abi.VFIO_IOMMU_UNMAP_DMA, dma_unmap(0, PAGE, flags=1)) == errno.EINVAL  # dirty bitmap
+    assert compat_errno(ctx, abi.VFIO_IOMMU_UNMAP_DMA, dma_unmap(0, PAGE)) == errno.ENODEV
+    assert compat_errno(ctx, 0x3B75) == errno.ENOTTY  # VFIO_IOMMU_DIRTY_PAGES
+    assert compat_errno(ctx, abi.VFIO_GROUP_GET_STATUS, bytes(8)) == errno.ENOTTY
+
+
+def test_set_container_with_an_iommufd_makes_the_compat_ioas_and_hands_out_devices(w):
+    iommu = w.server.open_iommu()
+    ctx = w.server.handle(iommu).ctx
+    group = w.server.open_group(0)
+    w.call(group, abi.VFIO_GROUP_SET_CONTAINER, (3).to_bytes(4, "little"), {3: FdRef(FD_HANDLE, w.token(iommu))})
+    status = abi.vfio_group_status(argsz=8)
+    w.call(group, abi.VFIO_GROUP_GET_STATUS, status)
+    assert status.flags == abi.VFIO_GROUP_FLAGS_VIABLE | abi.VFIO_GROUP_FLAGS_CONTAINER_SET
+    assert ctx.vfio_ioas is not None and ctx.vfio_ioas.id == 1  # an ordinary IOAS object of the context
+    assert w.ioas_alloc(iommu) == 2
+    assert w.fails(group, abi.VFIO_GROUP_SET_CONTAINER, (3).to_bytes(4, "little"),
+                   {3: FdRef(FD_HANDLE, w.token(iommu))}) == errno.EINVAL  # already set
+    assert w.fails(group, abi.VFIO_GROUP_SET_CONTAINER, (9).to_bytes(4, "little")) == errno.EBADF  # fdget first
+    # no VFIO_SET_IOMMU needed: the device is bound to the context and attached to the compat IOAS
+    fh = granted(w, group, "dev0")
+    devices = [o for o in ctx.objects.values() if type(o).__name__ == "DeviceObject"]
+    assert len(devices) == 1 and devices[0].ioas_id == 1
+    assert w.fails(iommu, abi.IOMMU_DESTROY, abi.iommu_destroy(size=8, id=1)) == errno.EBUSY  # attached
+    # an iommufd lets go of a group with open devices (no container_users check); they stay bound
+    assert w.call(group, abi.VFIO_GROUP_UNSET_CONTAINER)[0] == 0
+    assert len([o for o in ctx.objects.values() if type(o).__name__ == "DeviceObject"]) == 1
+    w.server.release(fh)
+    assert [type(o).__name__ for o in ctx.objects.values()] == ["Ioas", "Ioas"]  # unbound, auto HWPT gone
+    assert w.models[0].calls == ["open", "close", "reset"]
+
+
+def test_a_second_group_shares_the_compat_ioas_and_a_destroyed_one_is_enodev(w):
+    iommu = w.server.open_iommu()
+    ctx = w.server.handle(iommu).ctx
+    for number in (0, 1):
+        group = w.server.open_group(number)
+        w.call(group, abi.VFIO_GROUP_SET_CONTAINER, (3).to_bytes(4, "little"), {3: FdRef(FD_HANDLE, w.token(iommu))})
+    assert [o.id for o in ctx.objects.values()] == [1]
+    w.call(iommu, abi.IOMMU_DESTROY, abi.iommu_destroy(size=8, id=1))
+    assert ctx.vfio_ioas is None
+    assert compat_errno(ctx, abi.VFIO_IOMMU_MAP_DMA, dma_map(0x10000, 0, PAGE)) == errno.ENODEV
+    assert w.fails(group, abi.VFIO_GROUP_GET_DEVICE_FD, b"dev1\0") == errno.ENODEV  # no compat IOAS to attach
+    assert w.models[1].calls == []
+
+
+def attached_compat() -> IommufdContext:
+    ctx = IommufdContext()
+    ctx.vfio_compat.attach_group(object())
+    return ctx
+
+
+def test_compat_get_info_reports_dma_avail_then_the_iova_range():
+    ctx = attached_compat()
+    result, out = compat_call(ctx, abi.VFIO_IOMMU_GET_INFO, abi.vfio_iommu_type1_info(argsz=24))
+    info = abi.vfio_iommu_type1_info.from_buffer_copy(out)
+    assert (result, info.argsz, info.cap_offset) == (0, 72, 0)  # argsz raised to the whole chain
+    assert info.flags == abi.VFIO_IOMMU_INFO_PGSIZES | abi.VFIO_IOMMU_INFO_CAPS
+    assert info.iova_pgsizes == (1 << 64) - 4096  # no domain yet: any multiple of the page size
+    buf = bytearray(128)
+    buf[0:4] = (128).to_bytes(4, "little")
+    _, out = compat_call(ctx, abi.VFIO_IOMMU_GET_INFO, bytes(buf))
+    info = abi.vfio_iommu_type1_info.from_buffer_copy(out)
+    assert (info.argsz, info.cap_offset) == (72, 24)  # argsz comes back as the chain's size, also when smaller
+    assert struct.unpack_from("<HHII", out, 24) == (abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1, 40, (1 << 32) - 1)
+    assert struct.unpack_from("<HHIII", out, 40) == (abi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, 1, 0, 1, 0)
+    assert struct.unpack_from("<QQ", out, 56) == (0, (1 << 48) - 1)
+    buf = bytearray(40)  # room for the first capability only
+    buf[0:4] = (40).to_bytes(4, "little")
+    _, out = compat_call(ctx, abi.VFIO_IOMMU_GET_INFO, bytes(buf))
+    assert abi.vfio_iommu_type1_info.from_buffer_copy(out).cap_offset == 0
+    assert struct.unpack_from("<HHII", out, 24) == (abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, 1, 40, (1 << 32) - 1)
+
+
+def test_compat_map_unmap_and_overflow():
+    ctx = attached_compat()
+    assert compat_call(ctx, abi.VFIO_SET_IOMMU, abi.VFIO_TYPE1v2_IOMMU)[0] == 0
+    assert compat_call(ctx, abi.VFIO_SET_IOMMU, abi.VFIO_TYPE1v2_IOMMU)[0] == 0  # again: fine
+    top = (1 << 64) - PAGE
+    assert compat_errno(ctx, abi.VFIO_IOMMU_MAP_DMA, dma_map(0x10000, top, 2 * PAGE)) == errno.EOVERFLOW
+    assert compat_errno(ctx, abi.VFIO_IOMMU_UNMAP_DMA, dma_unmap(top, 2 * PAGE)) == errno.EOVERFLOW
+    assert compat_errno(ctx, abi.VFIO_IOMMU_MAP_DMA, dma_map(0x10000, 0x1000, 100)) == errno.EINVAL
+    last_page = (1 << 48) - PAGE  # the last page of the reported range maps
+    compat_call(ctx, abi.VFIO_IOMMU_MAP_DMA, dma_map(0x10000, last_page, PAGE))
+    compat_call(ctx, abi.VFIO_IOMMU_MAP_DMA, dma_map(0x20000, 0x100000, 4 * PAGE))
+    assert compat_errno(ctx, abi.VFIO_IOMMU_MAP_DMA, dma_map(0x30000, 0x101000, PAGE)) == errno.EEXIST
+    # type1v2: unmapping part of a mapping is ENOENT, with size written back as 0
+    with pytest.raises(VfioError) as exc:
+        compat_call(ctx, abi.VFIO_IOMMU_UNMAP_DMA, dma_unmap(0x101000, PAGE))
+    assert exc.value.errno == errno.ENOENT
+    _, out = compat_call(ctx, abi.VFIO_IOMMU_UNMAP_DMA, dma_unmap(last_page, PAGE))
+    assert abi.vfio_iommu_type1_dma_unmap.from_buffer_copy(out).size == PAGE
+    assert compat_errno(ctx, abi.VFIO_IOMMU_UNMAP_DMA, dma_unmap(0, PAGE, flags=abi.VFIO_DMA_UNMAP_FLAG_ALL)) \
+        == errno.EINVAL
+    _, out = compat_call(ctx, abi.VFIO_IOMMU_UNMAP_DMA, dma_unmap(0, 0, flags=abi.VFIO_DMA_UNMAP_FLAG_ALL))
+    assert abi.vfio_iommu_type1_dma_unmap.from_buffer_copy(out).size == 4 * PAGE
+    assert ctx.vfio_ioas.mappings == []
+
+
+def test_compat_type1_unmaps_part_of_a_mapping():
+    """SET_IOMMU(VFIO_TYPE1_IOMMU) disables large pages: UNMAP_DMA cuts mappings first."""
+    ctx = attached_compat()
+    compat_call(ctx, abi.VFIO_SET_IOMMU, abi.VFIO_TYPE1_IOMMU)
+    compat_call(ctx, abi.VFIO_IOMMU_MAP_DMA, dma_map(0x20000, 0x100000, 4 * PAGE))
+    _, out = compat_call(ctx, abi.VFIO_IOMMU_UNMAP_DMA, dma_unmap(0x101000, 2 * PAGE))
+    assert abi.vfio_iommu_type1_dma_unmap.from_buffer_copy(out).size == 2 * PAGE
+    assert [(m.iova, m.length, m.user_va) for m in ctx.vfio_ioas.mappings] == [
+        (0x100000, PAGE, 0x20000), (0x103000, PAGE, 0x23000)]

@@ -182,6 +182,8 @@ class Device:
         self.group.devices.append(self)
         self.bound_file: DeviceFile | None = None  # the cdev handle that bound it
         self.open_count = 0  # granted handles (one via the cdev, or any number via the group)
+        #: group path: the container the first GET_DEVICE_FD connected the device to, and its link
+        self.container_link: tuple[IommuContainer, object] | None = None
 
     def open(self) -> None:
         """First grant opens the device (vfio_df_open); errors propagate and grant nothing."""
@@ -189,10 +191,29 @@ class Device:
             self.driver.open_device()
         self.open_count += 1
 
+    def open_through(self, container: IommuContainer) -> None:
+        """GET_DEVICE_FD's open: the first one connects the device to the container's IOMMU
+        (an iommufd binds it and attaches the compat IOAS), then opens it; all or nothing."""
+        if self.open_count:
+            self.open()
+            return
+        link = container.connect_device(self.name, self.driver.attach_dma)
+        try:
+            self.open()
+        except BaseException:
+            container.disconnect_device(link)
+            raise
+        self.container_link = (container, link)
+
     def close(self) -> None:
+        """The last close closes the device, then lets go of its container (vfio_df_close)."""
         self.open_count -= 1
         if self.open_count == 0:
             self.driver.close_device()
+            if self.container_link is not None:
+                container, link = self.container_link
+                self.container_link = None
+                container.disconnect_device(link)
 
 
 class ControlNode:
@@ -525,6 +546,7 @@ class GroupFile(ControlNode):
         self.tickets = tickets
         self.uid = uid  # who may claim the devices it hands out (the kernel's file credentials)
         self.container: IommuContainer | None = None
+        self.via_iommufd = False  # the container is an iommufd context (its compat layer)
         self.grants: list[GroupGrant] = []
         self.released = False
         group.opened = self
@@ -533,28 +555,37 @@ class GroupFile(ControlNode):
         return GROUP_IOCTLS.dispatch(self, request, arg)
 
     def _get_status(self, arg: IoctlArg, status: abi.vfio_group_status) -> int:
+        """VIABLE always (no other owner of the group); CONTAINER_SET with a container or an iommufd."""
         status.flags = abi.VFIO_GROUP_FLAGS_VIABLE | (
             abi.VFIO_GROUP_FLAGS_CONTAINER_SET if self.container is not None else 0)
         arg.buf.write_struct(status, offsetofend(abi.vfio_group_status, "flags"))
         return 0
 
     def _set_container(self, arg: IoctlArg, _: None) -> int:
+        """vfio_group_ioctl_set_container(): get_user, fdget (EBADF), a container already set
+        (EINVAL), then a container or an iommufd (its compat IOAS, made on the first group)."""
         number = int.from_bytes(arg.buf.copy_from(0, 4), "little", signed=True)
-        if self.container is not None:
-            raise VfioError(errno.EINVAL, "the group already has a container")
         target = arg.files.get(number) if number >= 0 else None
         if target is None:
             raise VfioError(errno.EBADF, f"fd {number} is not open")
-        if not isinstance(target, ContainerFile):
-            raise VfioError(errno.EBADFD, f"fd {number} is not a container of this mount")
-        self.container = target.container
-        self.container.attach_group(self)
+        if self.container is not None:
+            raise VfioError(errno.EINVAL, "the group already has a container")
+        if isinstance(target, ContainerFile):
+            container = target.container
+        elif isinstance(target, IommuFile):
+            container = target.ctx.vfio_compat
+        else:
+            raise VfioError(errno.EBADFD, f"fd {number} is neither a container nor an iommufd of this mount")
+        container.attach_group(self)
+        self.container, self.via_iommufd = container, isinstance(target, IommuFile)
         return 0
 
     def _unset_container(self, arg: IoctlArg, _: None) -> int:
+        """EBUSY while device handles are open applies to a container only (container_users);
+        an iommufd is let go of at once, its devices stay bound to it until they close."""
         if self.container is None:
             raise VfioError(errno.EINVAL, "the group has no container")
-        if self.group.derived_handles:
+        if self.group.derived_handles and not self.via_iommufd:
             raise VfioError(errno.EBUSY, "device handles from this group are still open")
         self._detach()
         return 0
@@ -572,8 +603,7 @@ class GroupFile(ControlNode):
         device = next((d for d in self.group.devices if d.bdf == name), None)
         if device is None:
             raise VfioError(errno.ENODEV, f"no device {name!r} in group {self.group.number}")
-        device.open()
-        device.driver.attach_dma(self.container.dma_target)
+        device.open_through(self.container)
         grant = GroupGrant(device, self)
         self.grants.append(grant)
         return self.tickets.issue(grant, self.uid) << 16 | device.index

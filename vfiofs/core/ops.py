@@ -91,23 +91,32 @@ class IommuContext(Protocol):
 
     def detach(self, binding: Any) -> None: ...
 
+    @property
+    def vfio_compat(self) -> "IommuContainer":
+        """The context as a legacy container (iommufd's VFIO compatibility layer)."""
+
 
 class IommuContainer(Protocol):
-    """One open of ``/dev/vfio/vfio`` with its IOMMU backend (type1)."""
+    """What a group is attached to with VFIO_GROUP_SET_CONTAINER: one open of
+    ``/dev/vfio/vfio`` with its IOMMU backend (type1), or an iommufd context through its
+    VFIO compatibility layer (``IommufdContext.vfio_compat``)."""
 
     @property
     def iommu_set(self) -> bool:
-        """VFIO_SET_IOMMU succeeded (devices may be handed out)."""
+        """Devices may be handed out (type1: VFIO_SET_IOMMU succeeded; an iommufd: always)."""
 
-    @property
-    def dma_target(self) -> DmaTarget: ...
-
-    def ioctl(self, request: int, arg: IoctlArg) -> int: ...
-
-    def attach_group(self, group: object) -> None: ...
+    def attach_group(self, group: object) -> None:
+        """SET_CONTAINER's own work (an iommufd creates its compat IOAS); errors propagate."""
 
     def detach_group(self, group: object) -> None:
-        """The last group leaving takes the IOMMU type and every mapping with it."""
+        """The last group leaving a type1 container takes the IOMMU type and every mapping with it."""
+
+    def connect_device(self, name: str, on_attach: Callable[[DmaTarget | None], None]) -> object:
+        """The first open of a group's device: give it the container's address space (an
+        iommufd binds it and attaches it to the compat IOAS); the link to disconnect later."""
+
+    def disconnect_device(self, link: Any) -> None:
+        """The device's last handle closed (after ``close_device``)."""
 
 
 class DescriptorChannel(Protocol):

@@ -11,6 +11,7 @@ as the kernel's ``iommufd_ctx_get`` reference does.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import struct
 from dataclasses import dataclass, field
@@ -56,6 +57,9 @@ class Ioas(IommufdObject):
 
     hwpts: list["HwptPaging"] = field(default_factory=list)
     mappings: list[Mapping] = field(default_factory=list)  # sorted by iova, never overlapping
+    #: VFIO_SET_IOMMU(VFIO_TYPE1_IOMMU) through the compat layer (iopt_disable_large_pages):
+    #: the compat UNMAP_DMA may then cut mappings and unmap part of one
+    split_unmaps: bool = False
 
     def find(self, iova: int) -> Mapping | None:
         for mapping in self.mappings:
@@ -65,6 +69,20 @@ class Ioas(IommufdObject):
 
     def overlaps(self, iova: int, last: int) -> bool:
         return any(m.iova <= last and iova <= m.last for m in self.mappings)
+
+    def cut(self, after: int) -> None:
+        """iopt_cut_iova(): make ``after`` the last IOVA of a mapping, splitting the one that
+        holds it (both halves keep the same process memory); EINVAL off a page boundary."""
+        mapping = self.find(after)
+        if mapping is None or mapping.last == after:
+            return
+        if (after + 1) % PAGE_SIZE:
+            raise VfioError(errno.EINVAL, f"cannot cut a mapping at {after + 1:#x}")
+        head = after + 1 - mapping.iova
+        tail = Mapping(after + 1, mapping.length - head, mapping.user_va + head, mapping.readable,
+                       mapping.writable, mapping.memory)
+        mapping.length = head
+        self.mappings.insert(self.mappings.index(mapping) + 1, tail)
 
     def remove(self, mapping: Mapping) -> None:
         self.mappings.remove(mapping)
@@ -163,6 +181,11 @@ _TABLE_END = 0x95
 class IommufdContext:
     def __init__(self) -> None:
         self.objects: dict[int, IommufdObject] = {}
+        #: the IOAS the VFIO compatibility ioctls act on (``ictx->vfio_ioas``): created when
+        #: a group is attached to this context with VFIO_GROUP_SET_CONTAINER
+        self.vfio_ioas: Ioas | None = None
+        #: the context as a legacy container (what VFIO_GROUP_SET_CONTAINER attaches a group to)
+        self.vfio_compat = VfioCompat(self)
 
     # -- object table -------------------------------------------------------------------
     def _add(self, obj: IommufdObject) -> IommufdObject:
@@ -175,6 +198,8 @@ class IommufdContext:
 
     def _remove(self, obj: IommufdObject) -> None:
         del self.objects[obj.id]
+        if obj is self.vfio_ioas:  # destroying the compat IOAS leaves the context without one
+            self.vfio_ioas = None
 
     def _busy(self, obj: IommufdObject) -> bool:
         if isinstance(obj, Ioas):
@@ -194,8 +219,6 @@ class IommufdContext:
         arg.buf.get_u32(0)  # get_user(size): EFAULT comes before the command lookup
         return IOMMUFD_IOCTLS.dispatch(self, request, arg)
 
-    def _api_version(self, arg: IoctlArg, _: None) -> int:
-        return abi.VFIO_API_VERSION
 
     def _ioas_alloc(self, arg: IoctlArg, cmd: abi.iommu_ioas_alloc) -> None:
         if cmd.flags:
@@ -225,31 +248,36 @@ class IommufdContext:
         if not (readable or writable):
             raise VfioError(errno.EINVAL, "a mapping must be READABLE, WRITEABLE or both")
         ioas = self._ioas(cmd.ioas_id)
-        if cmd.length == 0 or cmd.length % PAGE_SIZE or cmd.user_va % PAGE_SIZE:
+        fixed = bool(cmd.flags & abi.IOMMU_IOAS_MAP_FIXED_IOVA)
+        cmd.iova = self._map_user(arg, ioas, cmd.user_va, cmd.length, cmd.iova if fixed else None, readable, writable)
+
+    def _map_user(self, arg: IoctlArg, ioas: Ioas, user_va: int, length: int, iova: int | None,
+                  readable: bool, writable: bool) -> int:
+        """iopt_map_user_pages(): map the caller's [user_va, +length) at ``iova`` (None: choose)."""
+        if length == 0 or length % PAGE_SIZE or user_va % PAGE_SIZE:
             raise VfioError(errno.EINVAL, "length and user_va must be page-aligned and non-zero")
-        if cmd.user_va + cmd.length - 1 > U64_MAX:
+        if user_va + length - 1 > U64_MAX:
             raise VfioError(errno.EOVERFLOW, "user_va + length overflows")
-        if cmd.flags & abi.IOMMU_IOAS_MAP_FIXED_IOVA:
-            iova = cmd.iova
+        if iova is not None:  # iopt_check_iova()
             if iova % PAGE_SIZE:
                 raise VfioError(errno.EINVAL, "iova must be page-aligned")
-            if iova + cmd.length - 1 > U64_MAX:
+            if iova + length - 1 > U64_MAX:
                 raise VfioError(errno.EOVERFLOW, "iova + length overflows")
-            if iova + cmd.length - 1 > IOVA_LAST:
+            if iova + length - 1 > IOVA_LAST:
                 raise VfioError(errno.EINVAL, f"iova range beyond the aperture (last {IOVA_LAST:#x})")
-            if ioas.overlaps(iova, iova + cmd.length - 1):
+            if ioas.overlaps(iova, iova + length - 1):
                 raise VfioError(errno.EEXIST, "the range overlaps an existing mapping")
         else:
-            iova = self._allocate_iova(ioas, cmd.length)
+            iova = self._allocate_iova(ioas, length)
         memory = self._caller_memory(arg)
         try:
-            memory.check_range(cmd.user_va, cmd.length, write=writable)
+            memory.check_range(user_va, length, write=writable)
         except VfioError:
             memory.close()
             raise
-        ioas.mappings.append(Mapping(iova, cmd.length, cmd.user_va, readable, writable, memory))
+        ioas.mappings.append(Mapping(iova, length, user_va, readable, writable, memory))
         ioas.mappings.sort(key=lambda m: m.iova)
-        cmd.iova = iova
+        return iova
 
     def _allocate_iova(self, ioas: Ioas, length: int) -> int:
         """Lowest free IOVA (never 0), aligned like the kernel's allocator (up to 2 MiB)."""
@@ -268,26 +296,35 @@ class IommufdContext:
     def _ioas_unmap(self, arg: IoctlArg, cmd: abi.iommu_ioas_unmap) -> None:
         ioas = self._ioas(cmd.ioas_id)
         if cmd.iova == 0 and cmd.length == U64_MAX:  # unmap everything
-            unmapped = sum(m.length for m in ioas.mappings)
-            for mapping in list(ioas.mappings):
-                ioas.remove(mapping)
-            cmd.length = unmapped
+            cmd.length = self._unmap_all(ioas)
             return
         if cmd.iova >= U64_MAX or cmd.length >= U64_MAX:
             raise VfioError(errno.EOVERFLOW, "iova or length too large")
-        if cmd.length == 0:
+        cmd.length = self._unmap_range(ioas, cmd.iova, cmd.length)
+
+    @staticmethod
+    def _unmap_all(ioas: Ioas) -> int:
+        unmapped = sum(m.length for m in ioas.mappings)
+        for mapping in list(ioas.mappings):
+            ioas.remove(mapping)
+        return unmapped
+
+    @staticmethod
+    def _unmap_range(ioas: Ioas, iova: int, length: int) -> int:
+        """iopt_unmap_iova(): whole mappings inside [iova, +length); the bytes unmapped."""
+        if length == 0:
             raise VfioError(errno.EINVAL, "length must not be 0")
-        last = cmd.iova + cmd.length - 1
+        last = iova + length - 1
         if last > U64_MAX:
             raise VfioError(errno.EOVERFLOW, "iova + length overflows")
-        touched = [m for m in ioas.mappings if m.iova <= last and cmd.iova <= m.last]
+        touched = [m for m in ioas.mappings if m.iova <= last and iova <= m.last]
         if not touched:
             raise VfioError(errno.ENOENT, "nothing is mapped there")
-        if any(m.iova < cmd.iova or m.last > last for m in touched):
+        if any(m.iova < iova or m.last > last for m in touched):
             raise VfioError(errno.ENOENT, "the range splits a mapping: unmap whole mappings")
         for mapping in touched:
             ioas.remove(mapping)
-        cmd.length = sum(m.length for m in touched)
+        return sum(m.length for m in touched)
 
     def _ioas_iova_ranges(self, arg: IoctlArg, cmd: abi.iommu_ioas_iova_ranges) -> None:
         if getattr(cmd, "__reserved"):
@@ -362,6 +399,147 @@ class IommufdContext:
             self._remove(hwpt)
 
 
+# -- the VFIO compatibility container (drivers/iommu/iommufd/vfio_compat.c) ----------------------------
+
+#: iommufd's domains support every page size the type1 container reports; with no domain
+#: the bitmap is "any multiple of PAGE_SIZE" (iommufd_get_pagesizes)
+_DOMAIN_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
+_NO_DOMAIN_PGSIZES = U64_MAX & ~(PAGE_SIZE - 1)
+_U32_MAX = (1 << 32) - 1
+
+
+class VfioCompat:
+    """iommufd_vfio_ioctl(): /dev/iommu answering the legacy container ioctls on the
+    context's compat IOAS, and the context as a group's container (IommuContainer)."""
+
+    def __init__(self, ctx: "IommufdContext") -> None:
+        self.ctx = ctx
+
+    def ioas(self) -> Ioas:
+        """get_compat_ioas(): ENODEV until a group is attached (or after it was destroyed)."""
+        if self.ctx.vfio_ioas is None:
+            raise VfioError(errno.ENODEV, "no compat IOAS: attach a group with VFIO_GROUP_SET_CONTAINER first")
+        return self.ctx.vfio_ioas
+
+    # -- as a group's container (the state machine calls these) -----------------------------------
+    @property
+    def iommu_set(self) -> bool:
+        """A group attached to an iommufd may hand out devices at once: no SET_IOMMU needed."""
+        return True
+
+    def attach_group(self, group: object) -> None:
+        """iommufd_vfio_compat_ioas_create(): the first group creates the compat IOAS (an
+        ordinary IOAS object of the context); an existing one is kept."""
+        if self.ctx.vfio_ioas is None:
+            ioas = self.ctx._add(Ioas())
+            assert isinstance(ioas, Ioas)
+            self.ctx.vfio_ioas = ioas
+
+    def detach_group(self, group: object) -> None:
+        """The group lets go of the context; the compat IOAS and its mappings stay."""
+
+    def connect_device(self, name: str, on_attach: Callable[[Ioas | None], None]) -> "DeviceObject":
+        """vfio_df_iommufd_bind() for a group's device: bind it to the context and attach it
+        to the compat IOAS (through an automatic HWPT); the legacy path reports neither id."""
+        dev = self.ctx.bind_device(name, on_attach)
+        try:
+            self.ctx.attach(dev, self.ioas().id)
+        except VfioError:
+            self.ctx.unbind_device(dev)
+            raise
+        return dev
+
+    def disconnect_device(self, dev: "DeviceObject") -> None:
+        self.ctx.unbind_device(dev)
+
+    # -- the container ioctls ----------------------------------------------------------------------
+    def _api_version(self, arg: IoctlArg, _: None) -> int:
+        return abi.VFIO_API_VERSION
+
+    def _check_extension(self, arg: IoctlArg, _: None) -> int:
+        if arg.value in (abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU, abi.VFIO_UNMAP_ALL):
+            return 1
+        if arg.value == abi.VFIO_DMA_CC_IOMMU:  # needs the compat IOAS; every emulated domain is coherent
+            self.ioas()
+            return 1
+        return 0  # VFIO_UPDATE_VADDR, the nesting type, and VFIO_NOIOMMU_IOMMU (no noiommu here)
+
+    def _set_iommu(self, arg: IoctlArg, _: None) -> int:
+        """Any number of times, even with mappings; TYPE1 lets UNMAP_DMA cut mappings."""
+        if arg.value not in (abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU):
+            raise VfioError(errno.EINVAL, f"IOMMU type {arg.value} is not type1/type1v2")
+        ioas = self.ioas()
+        if arg.value == abi.VFIO_TYPE1_IOMMU:
+            ioas.split_unmaps = True
+        return 0
+
+    def _get_info(self, arg: IoctlArg, info: abi.vfio_iommu_type1_info) -> int:
+        """Two capabilities, DMA_AVAIL (U32_MAX) then IOVA_RANGE, each written only if it fits;
+        ``argsz`` always comes back as the size of the whole chain."""
+        room = min(info.argsz, ctypes.sizeof(info))
+        ioas = self.ioas()
+        info.flags = abi.VFIO_IOMMU_INFO_PGSIZES | abi.VFIO_IOMMU_INFO_CAPS
+        info.iova_pgsizes = _DOMAIN_PGSIZES if ioas.hwpts else _NO_DOMAIN_PGSIZES
+        info.cap_offset = 0
+        ranges = [abi.vfio_iova_range(start=0, end=IOVA_LAST)]
+        dma_avail = bytes(abi.vfio_iommu_type1_info_dma_avail(
+            header=abi.vfio_info_cap_header(id=abi.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, version=1), avail=_U32_MAX))
+        iova = bytes(abi.vfio_iommu_type1_info_cap_iova_range(
+            header=abi.vfio_info_cap_header(id=abi.VFIO_IOMMU_TYPE1_INFO_CAP_IOVA_RANGE, version=1),
+            nr_iovas=len(ranges))) + b"".join(bytes(r) for r in ranges)
+        total, last = ctypes.sizeof(info), None
+        for cap in (dma_avail, iova):
+            if info.argsz - total >= len(cap):
+                arg.buf.copy_to(total, cap)
+            if last is not None and info.argsz >= total:
+                arg.buf.copy_to(last + 4, total.to_bytes(4, "little"))  # the previous cap's next
+            last, total = total, total + (len(cap) + 7) // 8 * 8
+        if info.argsz >= total:
+            info.cap_offset = ctypes.sizeof(info)
+        info.argsz = total
+        arg.buf.write_struct(info, room)
+        return 0
+
+    def _map_dma(self, arg: IoctlArg, cmd: abi.vfio_iommu_type1_dma_map) -> int:
+        if cmd.flags & ~(abi.VFIO_DMA_MAP_FLAG_READ | abi.VFIO_DMA_MAP_FLAG_WRITE):
+            raise VfioError(errno.EINVAL, "unknown flags")
+        ioas = self.ioas()
+        self.ctx._map_user(arg, ioas, cmd.vaddr, cmd.size, cmd.iova, bool(cmd.flags & abi.VFIO_DMA_MAP_FLAG_READ),
+                           bool(cmd.flags & abi.VFIO_DMA_MAP_FLAG_WRITE))
+        return 0
+
+    def _unmap_dma(self, arg: IoctlArg, cmd: abi.vfio_iommu_type1_dma_unmap) -> int:
+        """``size`` is written back with the bytes unmapped, also when the unmap itself fails."""
+        if cmd.flags & ~abi.VFIO_DMA_UNMAP_FLAG_ALL:
+            raise VfioError(errno.EINVAL, "unknown flags")
+        ioas = self.ioas()
+        minsz = offsetofend(abi.vfio_iommu_type1_dma_unmap, "size")
+        if cmd.flags & abi.VFIO_DMA_UNMAP_FLAG_ALL:
+            if cmd.iova or cmd.size:
+                raise VfioError(errno.EINVAL, "UNMAP_ALL takes iova 0 and size 0")
+            cmd.size = self.ctx._unmap_all(ioas)
+            arg.buf.write_struct(cmd, minsz)
+            return 0
+        if ioas.split_unmaps:  # type1: cut at both ends first (the end wraps like an unsigned long)
+            ioas.cut((cmd.iova + cmd.size - 1) & U64_MAX)
+            if cmd.iova:
+                ioas.cut(cmd.iova - 1)
+        try:
+            unmapped = self.ctx._unmap_range(ioas, cmd.iova, cmd.size)
+        except VfioError:
+            cmd.size = 0
+            arg.buf.write_struct(cmd, minsz)
+            raise
+        cmd.size = unmapped
+        arg.buf.write_struct(cmd, minsz)
+        return 0
+
+
+def _compat(handler: Callable) -> Callable:
+    """A compat row's handler, run on the context's VfioCompat."""
+    return lambda ctx, arg, cmd: handler(ctx.vfio_compat, arg, cmd)
+
+
 def _iommufd_row(request: int, handler: Callable, struct_type: type, last_field: str) -> Ioctl:
     return Ioctl(request, handler, struct_type, offsetofend(struct_type, last_field), Style.IOMMUFD)
 
@@ -375,7 +553,16 @@ IOMMUFD_IOCTLS = IoctlTable("iommufd", [
     _iommufd_row(abi.IOMMU_IOAS_UNMAP, IommufdContext._ioas_unmap, abi.iommu_ioas_unmap, "length"),
 ])
 
-#: iommufd_vfio_ioctl(): the legacy container ioctls /dev/iommu also answers.
+#: iommufd_vfio_ioctl(): the legacy container ioctls /dev/iommu also answers (anything else,
+#: VFIO_IOMMU_DIRTY_PAGES included, is ENOTTY).
 VFIO_COMPAT_IOCTLS = IoctlTable("iommufd's VFIO compatibility", [
-    Ioctl(abi.VFIO_GET_API_VERSION, IommufdContext._api_version, style=Style.RAW),
+    Ioctl(abi.VFIO_GET_API_VERSION, _compat(VfioCompat._api_version), style=Style.RAW),
+    Ioctl(abi.VFIO_CHECK_EXTENSION, _compat(VfioCompat._check_extension), style=Style.RAW),
+    Ioctl(abi.VFIO_SET_IOMMU, _compat(VfioCompat._set_iommu), style=Style.RAW),
+    Ioctl(abi.VFIO_IOMMU_GET_INFO, _compat(VfioCompat._get_info), abi.vfio_iommu_type1_info,
+          offsetofend(abi.vfio_iommu_type1_info, "iova_pgsizes"), Style.VFIO),
+    Ioctl(abi.VFIO_IOMMU_MAP_DMA, _compat(VfioCompat._map_dma), abi.vfio_iommu_type1_dma_map,
+          offsetofend(abi.vfio_iommu_type1_dma_map, "size"), Style.VFIO),
+    Ioctl(abi.VFIO_IOMMU_UNMAP_DMA, _compat(VfioCompat._unmap_dma), abi.vfio_iommu_type1_dma_unmap,
+          offsetofend(abi.vfio_iommu_type1_dma_unmap, "size"), Style.VFIO),
 ])

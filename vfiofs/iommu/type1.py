@@ -45,6 +45,13 @@ class Type1Container:
     def attach_group(self, group: object) -> None:
         self.groups.append(group)
 
+    def connect_device(self, name: str, on_attach) -> None:
+        """A group's device is opened: its DMA goes through the container's address space."""
+        on_attach(self.ioas)
+
+    def disconnect_device(self, link: None) -> None:
+        """Nothing to undo: closing the device detached its DMA."""
+
     def detach_group(self, group: object) -> None:
         self.groups.remove(group)
         if not self.groups:  # "deprivileged": back to no IOMMU, mappings gone
