@@ -6,6 +6,7 @@ device alone in its group (vfio2).
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import mmap
 import os
@@ -93,7 +94,9 @@ def test_group_ioctls(legacy):
     with VfioGroup(legacy.node("vfio/7")) as group, IommuFd(legacy.iommu) as iommu:
         assert group.get_status() == VIABLE
         assert errno_of(group.set_container, 999) == errno.EBADF
-        assert errno_of(group.set_container, iommu.fd) == errno.EBADFD
+        efd = os.eventfd(0, os.EFD_CLOEXEC)  # open, but neither a container nor an iommufd
+        assert errno_of(group.set_container, efd) == errno.EBADFD
+        os.close(efd)
         assert errno_of(group.unset_container) == errno.EINVAL
         assert errno_of(group.get_device_fd, BDF[0]) == errno.EINVAL  # no container yet
         with VfioContainer(legacy.node("vfio/vfio")) as container:
@@ -181,6 +184,10 @@ def test_whole_legacy_sequence_with_dma(legacy):
     container.map_buffer(buf, iova=0x400000)
     assert container.unmap_dma(unmap_all=True) == 2 * PAGE
     assert container.unmap_dma(0x400000, PAGE) == 0  # nothing left: type1 unmaps 0 bytes
+    top = (1 << 64) - PAGE  # iova + size wraps: EOVERFLOW, as the kernel's selftests expect
+    assert errno_of(container.map_dma, ctypes.addressof(ctypes.c_char.from_buffer(buf)), top, 2 * PAGE) \
+        == errno.EOVERFLOW
+    assert errno_of(container.unmap_dma, top, 2 * PAGE) == errno.EOVERFLOW
     dev.close()
     group.close()
     container.close()
