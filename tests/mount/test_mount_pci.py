@@ -159,6 +159,21 @@ def test_30_config_access_past_the_end_is_efault(showcase, mount):
         assert errno_of(ram.read, CFG, 256, 1) == errno.EFAULT
 
 
+def test_pcie_extended_config_space_answers_4_byte_accesses(showcase):
+    """A PCI Express function has a 4 KiB config region: without extended capabilities its
+    extended space reads zeros and ignores writes, in 1/2/4-byte accesses (the ioat driver's
+    DMAUNCERRSTS 0x148 and CHANERR_INT 0x180 among them)."""
+    assert showcase.get_region_info(CFG).size == 4096
+    for offset in (0x100, 0x148, 0x180, 0xFFC):
+        assert showcase.read(CFG, offset, 4) == bytes(4)
+        assert cfg_write(showcase, offset, 4, 0xFFFF_FFFF) == 4  # the whole count, as the kernel
+        assert cfg_read(showcase, offset, 4) == 0
+    assert showcase.read(CFG, 0x181, 1) == b"\0" and showcase.read(CFG, 0x182, 2) == bytes(2)
+    assert showcase.read(CFG, 0xF0, 0x20)[:2] == showcase.read(CFG, 0xF0, 2)  # across 0x100
+    assert len(showcase.read(CFG, 0xF0, 0x20)) == 0x20
+    assert cfg_read(showcase, 0x00, 2) == 0x1234  # conventional space untouched
+
+
 def test_memory_decoding_gates_bar_access(showcase):
     command = cfg_read(showcase, 0x04, 2)
     assert command & 0x3 == 0x3  # memory and I/O decoding on after open

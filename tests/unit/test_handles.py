@@ -913,3 +913,50 @@ def test_compat_type1_unmaps_part_of_a_mapping():
     assert abi.vfio_iommu_type1_dma_unmap.from_buffer_copy(out).size == 2 * PAGE
     assert [(m.iova, m.length, m.user_va) for m in ctx.vfio_ioas.mappings] == [
         (0x100000, PAGE, 0x20000), (0x103000, PAGE, 0x23000)]
+
+
+# --- extended config space: what a model may implement ----------------------------------------------
+
+class ErrorStatusModel(DeviceModel):
+    """Two write-1-to-clear registers in extended config space, as the I/OAT model needs."""
+
+    def __init__(self, spec: DeviceSpec) -> None:
+        super().__init__(spec)
+        self.extended = {0x148: 0x0000_0011, 0x180: 0x0000_0100}
+        self.seen: list[tuple[int, bytes]] = []
+
+    def config_read(self, offset: int, size: int) -> bytes:
+        base = offset & ~3
+        value = self.extended.get(base, 0).to_bytes(4, "little")
+        return value[offset - base : offset - base + size]
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        self.seen.append((offset, data))
+        if offset in self.extended and len(data) == 4:
+            self.extended[offset] &= ~int.from_bytes(data, "little")
+
+
+def test_a_model_serves_extended_config_space_in_dword_pieces():
+    from vfiofs.models.spec import Capability
+
+    spec = DeviceSpec(name="express", model="generic", identity=ID, capabilities=(Capability(kind="pcie"),))
+    model = ErrorStatusModel(spec)
+    driver = VfioPciDevice(model)
+    cfg = 7 << 40
+    assert driver.region_info(7)[0] == 4096
+    assert driver.read(cfg + 0x148, 4) == (0x11).to_bytes(4, "little")
+    assert driver.write(cfg + 0x148, (0x10).to_bytes(4, "little")) == 4  # W1C
+    assert driver.read(cfg + 0x148, 4) == (0x01).to_bytes(4, "little")
+    assert driver.read(cfg + 0x144, 12) == bytes(4) + (1).to_bytes(4, "little") + bytes(4)
+    model.seen.clear()
+    driver.write(cfg + 0xFE, bytes(8))  # across 0x100: the first two bytes are conventional space
+    assert model.seen == [(0x100, bytes(4)), (0x104, bytes(2))]
+    assert driver.read(cfg + 0x181, 1) == b"\x01"
+    for offset, size in ((0x1000, 4), (0xFFE, 4)):
+        with pytest.raises(VfioError) as exc:
+            driver.read(cfg + offset, size)
+        assert exc.value.errno == errno.EFAULT
+    conventional = VfioPciDevice(ErrorStatusModel(RAM_SPEC))
+    with pytest.raises(VfioError) as exc:
+        conventional.read(cfg + 0x148, 4)
+    assert exc.value.errno == errno.EFAULT  # 256 bytes: no extended space

@@ -261,6 +261,10 @@ class ModelOps(Protocol):
 
     def bar_write(self, index: int, offset: int, data: bytes) -> None: ...
 
+    def config_read(self, offset: int, size: int) -> bytes: ...
+
+    def config_write(self, offset: int, data: bytes) -> None: ...
+
 
 class HostPortOps(Protocol):
     """The optional host port: the other end of the device's line (``has_host_port = True``)."""
@@ -380,6 +384,16 @@ class DeviceModel:
         registers = self.registers[index]
         if registers.registers:
             registers.apply_write(offset, data)
+
+    # -- extended config space (PCI Express functions) ------------------------------------------------
+    def config_read(self, offset: int, size: int) -> bytes:
+        """Extended config space of a PCI Express function (``0x100 <= offset < 0x1000``), in
+        aligned pieces of 1, 2 or 4 bytes within one dword. Unimplemented space reads zeros."""
+        return bytes(size)
+
+    def config_write(self, offset: int, data: bytes) -> None:
+        """A write to extended config space (pieces as :meth:`config_read`); ignored unless a
+        model implements registers there (e.g. write-1-to-clear error status)."""
 
     def register(self, index: int, offset: int) -> int:
         """The current value of the register at ``offset`` of BAR ``index`` (the device's view)."""

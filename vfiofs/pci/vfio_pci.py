@@ -70,6 +70,19 @@ def call_model(what: str, hook: Callable[..., T], *args: object) -> T:
         raise VfioError(errno.EIO, f"device model failed in {what}") from None
 
 
+PCI_CFG_SPACE_SIZE = 0x100  # conventional config space; a PCIe function's extended space follows
+
+
+def _dword_pieces(start: int, end: int) -> list[tuple[int, int]]:
+    """[start, end) split as vfio_config_do_rw does: naturally aligned 4/2/1-byte pieces."""
+    pieces = []
+    while start < end:
+        n = 4 if start % 4 == 0 and end - start >= 4 else 2 if start % 2 == 0 and end - start >= 2 else 1
+        pieces.append((start, n))
+        start += n
+    return pieces
+
+
 def page_align(size: int) -> int:
     return (size + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
 
@@ -291,7 +304,11 @@ class VfioPciDevice:
             return data
         index, pos, count = self._locate(offset, count, write=False)
         if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
-            return self.config.read(pos, count)
+            data = self.config.read(pos, count)  # EFAULT past cfg_size (256, or 4096 for PCIe)
+            if pos + count > PCI_CFG_SPACE_SIZE:
+                data = data[: max(0, PCI_CFG_SPACE_SIZE - pos)] + b"".join(
+                    self._extended_read(at, n) for at, n in _dword_pieces(max(pos, PCI_CFG_SPACE_SIZE), pos + count))
+            return data
         assert index == abi.VFIO_PCI_ROM_REGION_INDEX and self.spec.rom is not None
         return self.spec.rom[pos : pos + count].ljust(count, b"\0")
 
@@ -323,8 +340,24 @@ class VfioPciDevice:
             self.irqs.deliver_unmasked()
         return count
 
+    def _extended_read(self, offset: int, size: int) -> bytes:
+        data = call_model("config_read", self.model.config_read, offset, size)
+        if not isinstance(data, (bytes, bytearray)) or len(data) != size:
+            log.error("device model returned a wrong-sized config read (wanted %d bytes)", size)
+            raise VfioError(errno.EIO, "device model returned a wrong-sized config read")
+        return bytes(data)
+
     def _config_write(self, pos: int, data: bytes) -> int:
-        """Config writes, plus what they mean for interrupts (vfio_basic_config_write & co)."""
+        """Config writes, plus what they mean for interrupts (vfio_basic_config_write & co).
+        Extended space (0x100 and up of a PCIe function) goes to the model, dword by dword."""
+        if pos + len(data) > PCI_CFG_SPACE_SIZE:
+            self.config.read(pos, len(data))  # the bounds check: EFAULT past cfg_size
+            for at, n in _dword_pieces(max(pos, PCI_CFG_SPACE_SIZE), pos + len(data)):
+                call_model("config_write", self.model.config_write, at, data[at - pos : at - pos + n])
+            if pos >= PCI_CFG_SPACE_SIZE:
+                return len(data)
+            self._config_write(pos, data[: PCI_CFG_SPACE_SIZE - pos])
+            return len(data)
         before = self.config.command & PCI_COMMAND_INTX_DISABLE
         written = self.config.write(pos, data)
         after = self.config.command & PCI_COMMAND_INTX_DISABLE
