@@ -12,40 +12,41 @@ values live in the BAR memory itself, so a mapping of BAR0 reads what pread read
 an access that reaches :meth:`IoatDevice.bar_write` (pwrite, or a trapped store) has an
 effect. All little-endian; any access size, partial accesses work on the bytes they cover.
 
-=========  =======  ==============  ====  ==================================================
-offset     name     width           R/W   behaviour
-=========  =======  ==============  ====  ==================================================
-0x00       CHANCNT  1               RO    1 (one channel)
-0x01       XFERCAP  1               RO    log2 of the largest transfer,
-                                          :attr:`IoatDevice.xfercap` (12: 4 KiB)
-0x02       GENCTRL  1               RW    stored, no effect
-0x03       INTRCTRL 1               RW    bit 0 MASTER_INT_EN and bit 3 MSIX_VECTOR_CONTROL
-                                          are stored; bit 1 INT_STATUS (ATTNSTATUS != 0) and
-                                          bit 2 INT (INT_STATUS and MASTER_INT_EN) read-only
-0x04       ATTNSTA  4               RC    bit 0: channel 0 interrupted; a read clears it
-0x08       VER      1               RO    0x33 (I/OAT 3.3)
-0x0C       INTRDLY  2               RW    bits 0-13 stored, no effect (no coalescing)
-0x0E       DEVSTS   2               RO    0
-0x10       DMACAP   4               RO    0: plain copy only (no fill, XOR, P+Q, DCA)
-0x80+0x00  CHANCTRL 2               RW    stored; writing bit 0 INT_REARM arms the channel
-                                          interrupt (one interrupt per arm); 0x04
-                                          ERR_COMPLETION_EN, 0x10 ERR_INT_EN act on errors
-0x80+0x02  DMACOMP  2               RO    0x0002 (version 2 compatible)
-0x80+0x04  CHANCMD  1               RW    0x20 RESET (reads back set until the reset is done,
-                                          :attr:`IoatDevice.reset_delay`), 0x04 SUSPEND,
-                                          0x10 RESUME; other bits are ignored
-0x80+0x06  DMACOUNT 2               RW    the doorbell: the channel runs descriptors until
-                                          it has completed this many since CHAINADDR was
-                                          loaded (mod 2^16)
-0x80+0x08  CHANSTS  8               RO    bits 0-2: 0 ACTIVE, 1 DONE, 2 SUSPENDED, 3 HALTED;
-                                          bits 6-63: the last completed descriptor's address
-0x80+0x10  CHAINADR 8 (or 2 × 4)    RW    the first descriptor; loaded when written while
-                                          the channel is not ACTIVE (completed count := 0)
-0x80+0x18  CHANCMP  8 (or 2 × 4)    RW    where CHANSTS is written back (below)
-0x80+0x20  CDAR     8               RO    the descriptor being (or last) processed
-0x80+0x28  CHANERR  4               W1C   error bits (below)
-0x80+0x2C  ERRMASK  4               RW    stored, no effect
-=========  =======  ==============  ====  ==================================================
+=========  ==========  =====  ====  ===================================================
+offset     name        width  R/W   behaviour
+=========  ==========  =====  ====  ===================================================
+0x00       CHANCNT     1      RO    1 (one channel)
+0x01       XFERCAP     1      RO    log2 of the largest transfer,
+                                    :attr:`IoatDevice.xfercap` (12: 4 KiB)
+0x02       GENCTRL     1      RW    stored, no effect
+0x03       INTRCTRL    1      RW    bit 0 MASTER_INT_EN and bit 3 MSIX_VECTOR_CONTROL
+                                    are stored; bit 1 INT_STATUS (ATTNSTATUS != 0) and
+                                    bit 2 INT (INT_STATUS and MASTER_INT_EN) read-only
+0x04       ATTNSTATUS  4      RC    bit 0: channel 0 interrupted; a read clears it
+0x08       VER         1      RO    0x33 (I/OAT 3.3), :attr:`IoatDevice.version`
+0x0C       INTRDELAY   2      RW    bits 0-13 stored, no effect (no coalescing)
+0x0E       DEVSTS      2      RO    0
+0x10       DMACAP      4      RO    0: plain copy only (no fill, XOR, P+Q, DCA)
+0x80+0x00  CHANCTRL    2      RW    stored; writing bit 0 INT_REARM arms the channel
+                                    interrupt (one interrupt per arm); 0x04
+                                    ERR_COMPLETION_EN, 0x10 ERR_INT_EN act on errors
+0x80+0x02  DMACOMP     2      RO    0x0002 (version 2 compatible)
+0x80+0x04  CHANCMD     1      RW    0x20 RESET (reads back set until the reset is done,
+                                    :attr:`IoatDevice.reset_delay`), 0x04 SUSPEND,
+                                    0x10 RESUME; other bits are ignored
+0x80+0x06  DMACOUNT    2      RW    the doorbell: the channel runs descriptors until
+                                    it has completed this many since CHAINADDR was
+                                    loaded (mod 2^16)
+0x80+0x08  CHANSTS     8      RO    bits 0-2: 0 ACTIVE, 1 DONE, 2 SUSPENDED, 3 HALTED;
+                                    bits 6-63: the last completed descriptor's address
+0x80+0x10  CHAINADDR   8      RW    the first descriptor (also as two 4-byte halves);
+                                    loaded when written while the channel is not
+                                    ACTIVE (completed count := 0)
+0x80+0x18  CHANCMP     8      RW    where CHANSTS is written back (below)
+0x80+0x20  CDAR        8      RO    the descriptor being (or last) processed
+0x80+0x28  CHANERR     4      W1C   error bits (below)
+0x80+0x2C  ERRMASK     4      RW    stored, no effect
+=========  ==========  =====  ====  ===================================================
 
 Every other offset in [0, 0x100) reads 0 and ignores writes; BAR0 from 0x100 on is memory
 (the MSI-X table at 0x2000 and the PBA at 0x3000 live there).
