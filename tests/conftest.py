@@ -31,7 +31,7 @@ def _serve(mountpoint: Path, **kwargs) -> Iterator[Mount]:
 
 @pytest.fixture
 def mount(tmp_path: Path):
-    """The bundled devices in a temporary directory (vfio0-1 RAM, vfio2 showcase, vfio3 UART, vfio4 edu)."""
+    """The bundled devices in a temporary directory (vfio0-1 RAM, vfio2 showcase, vfio3 UART, vfio4 edu, vfio5 I/OAT)."""
     yield from _serve(tmp_path / "mnt")
 
 

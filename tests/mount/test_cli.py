@@ -98,8 +98,8 @@ def test_background_mount_and_umount(tmp_path):
     assert result.stderr == ""
     try:
         assert is_mounted(mnt)
-        assert f"serving 5 device(s) at {mnt}" in log.read_text()
-        assert sorted(os.listdir(mnt / "vfio/devices")) == ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4"]
+        assert f"serving 6 device(s) at {mnt}" in log.read_text()
+        assert sorted(os.listdir(mnt / "vfio/devices")) == ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4", "vfio5"]
     finally:
         result = vfiofs("umount", str(mnt))
     assert result.returncode == 0, result.stderr
@@ -282,8 +282,9 @@ def test_validate_checks_definitions_without_mounting(tmp_path):
     result = vfiofs("validate")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[-1] == "5 definition(s) valid"
+    assert lines[-1] == "6 definition(s) valid"
     assert lines[4].startswith("vfio4: vedu.toml: edu [1234:11e8] model edu, BAR0 0x100000")
+    assert lines[5] == "vfio5: vioat.toml: ioat [8086:2021] model ioat, BAR0 0x4000 mmap, msix,pcie,pm, group 5"
     good = tmp_path / "good"
     good.mkdir()
     (good / "one.toml").write_text('iommu_group = 3\n[[bar]]\nindex = 0\nsize = "4KiB"\nmmap = true\n')

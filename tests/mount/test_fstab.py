@@ -81,7 +81,7 @@ def _mount_t_fuse_vfiofs() -> None:
     # The bundled devices, and a helper failure reported by mount(8) as vfiofs's one line.
     result = subprocess.run(["mount", "-t", "fuse.vfiofs", "bundled", str(mnt)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert len(os.listdir(mnt / "vfio/devices")) == 5
+    assert len(os.listdir(mnt / "vfio/devices")) == 6
     _umount_stops_the_daemon(mnt)
     result = subprocess.run(["mount", "-t", "fuse.vfiofs", str(where / "missing"), str(mnt)],
                             capture_output=True, text=True)

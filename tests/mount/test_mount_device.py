@@ -242,7 +242,7 @@ def test_iommu_node_has_no_read_or_write(mount):
 def test_the_tree_is_fixed(mount):
     devices = mount.node("vfio/devices")
     assert {"iommu", "vfio"} <= set(os.listdir(mount.path))
-    assert sorted(os.listdir(devices)) == ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4"]
+    assert sorted(os.listdir(devices)) == ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4", "vfio5"]
     assert errno_of(os.mkdir, os.path.join(devices, "new")) == errno.EPERM
     assert errno_of(os.open, os.path.join(devices, "vfio9"), os.O_CREAT | os.O_RDWR) == errno.EPERM
     assert errno_of(os.unlink, mount.device(0)) == errno.EPERM
@@ -250,4 +250,4 @@ def test_the_tree_is_fixed(mount):
     assert errno_of(os.symlink, "vfio0", os.path.join(devices, "link")) == errno.EPERM
     assert errno_of(os.chmod, mount.device(0), 0o666) == errno.EPERM
     assert errno_of(os.open, os.path.join(devices, "missing"), os.O_RDWR) == errno.ENOENT
-    assert sorted(os.listdir(devices)) == ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4"]
+    assert sorted(os.listdir(devices)) == ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4", "vfio5"]

@@ -156,7 +156,7 @@ def _with_allow_other_modes_decide(user: pwd.struct_passwd) -> None:
     # Default mode 0600: others see the tree, but only the owner opens the nodes.
     _mount(user, mnt, env, "-o", "allow_other")
     seen = run_as(NOBODY, NOBODY, ["ls", str(mnt / "vfio/devices")])
-    assert seen.returncode == 0 and seen.stdout.split() == ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4"]
+    assert seen.returncode == 0 and seen.stdout.split() == ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4", "vfio5"]
 
     def open_errno(path: Path, *groups: int) -> int:
         result = python_as(NOBODY, NOBODY, OPEN_ERRNO, str(path), groups=list(groups), env=env)

@@ -73,7 +73,7 @@ def test_default_bundled_devices(pytester: pytest.Pytester) -> None:
         def test_bundled(vfiofs):
             record(vfiofs)
             assert vfiofs.definitions == bundled_directory()
-            assert [p.name for p in vfiofs.devices] == [f"vfio{i}" for i in range(5)]
+            assert [p.name for p in vfiofs.devices] == [f"vfio{i}" for i in range(6)]
             assert vfiofs.device(4) == vfiofs.path / "vfio" / "devices" / "vfio4"
             assert vfiofs.iommu.exists() and (vfiofs.sys / "bus" / "pci" / "devices").is_dir()
             status = json.loads((vfiofs.path / ".vfiofs" / "status").read_text())

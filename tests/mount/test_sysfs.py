@@ -21,13 +21,14 @@ from vfiofs.pci.config import PciConfigSpace
 from vfiofs.models.spec import BarSpec, DeviceSpec, PciIdentity
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-BDFS = ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0", "0000:00:04.0", "0000:00:05.0"]
+BDFS = ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0", "0000:00:04.0", "0000:00:05.0",
+        "0000:00:06.0"]
 PCI = "sys/bus/pci/devices"
 ZERO_LINE = "0x0000000000000000 0x0000000000000000 0x0000000000000000"
 LINE_RE = re.compile(r"^0x[0-9a-f]{16} 0x[0-9a-f]{16} 0x[0-9a-f]{16}$")
 
 # Host addresses the rules in vfiofs.pci.sysfs give the bundled devices (vfio0 ram-64k,
-# vfio1 ram-1m, vfio2 showcase, vfio3 uart, vfio4 edu): 32-bit memory and the ROM downward from 0xfec00000,
+# vfio1 ram-1m, vfio2 showcase, vfio3 uart, vfio4 edu, vfio5 ioat): 32-bit memory and the ROM downward from 0xfec00000,
 # 64-bit prefetchable upward from 0x800000000, I/O upward from 0xc000.
 EXPECTED_RESOURCES = {
     0: {0: (0xFEBF0000, 64 * KiB, 0x40200)},
@@ -41,6 +42,7 @@ EXPECTED_RESOURCES = {
     },
     3: {0: (0xC020, 8, 0x40101)},  # uart
     4: {0: (0xFEA00000, 1 * MiB, 0x40200)},  # edu
+    5: {0: (0xFEBE8000, 16 * KiB, 0x140204)},  # ioat: 64-bit, not prefetchable, so below 4 GiB
 }
 
 
@@ -404,7 +406,7 @@ def assert_in_order(lines: list[str], expected: list[str]) -> None:
 def test_lspci_decodes_every_device(mount):
     output = lspci(mount.path, "-vvv", "-nn")
     devices = blocks(output)
-    assert list(devices) == ["00:01.0", "00:02.0", "00:03.0", "00:04.0", "00:05.0"]
+    assert list(devices) == ["00:01.0", "00:02.0", "00:03.0", "00:04.0", "00:05.0", "00:06.0"]
     for slot, expected in zip(devices, (RAM0, RAM1, SHOWCASE)):
         assert devices[slot][0] == expected[0]
         assert_in_order(devices[slot], expected)

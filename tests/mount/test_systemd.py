@@ -37,7 +37,7 @@ from vfiofs.host.mounting import find_mount, lazy_unmount
 SYSTEM_UNIT = REPO / "systemd" / "vfiofs.service"
 USER_UNIT = REPO / "systemd" / "vfiofs@.service"
 INSTALLED = "/usr/local/bin/vfiofs"  # where the units expect the command (pip install as root)
-BUNDLED_DEVICES = ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4"]
+BUNDLED_DEVICES = ["vfio0", "vfio1", "vfio2", "vfio3", "vfio4", "vfio5"]
 CAPABILITIES = {"CAP_DAC_OVERRIDE": 1, "CAP_SYS_PTRACE": 19, "CAP_SYS_ADMIN": 21}  # linux/capability.h
 
 
@@ -264,7 +264,7 @@ def test_system_unit_is_ready_only_once_the_mount_answers(tmp_path):
         os.statvfs(mnt)
         devices = sorted(os.listdir(mnt / "vfio/devices"))
         assert message.splitlines()[0] == "READY=1", message  # the first message, nothing before it
-        assert f"STATUS=serving 5 device(s) at {mnt}" in message.splitlines()
+        assert f"STATUS=serving 6 device(s) at {mnt}" in message.splitlines()
         assert sender == process.pid  # the main process (NotifyAccess=main)
         assert devices == BUNDLED_DEVICES
 

@@ -36,7 +36,7 @@ DEFAULT = PciIdentity(
     interrupt_pin=0,
 )
 
-MODEL_CHOICES = 'must be one of edu, generic, ram, uart16550 or "package.module:Class", got '
+MODEL_CHOICES = 'must be one of edu, generic, ioat, ram, uart16550 or "package.module:Class", got '
 
 
 def write(directory: Path, filename: str, text: str | bytes) -> Path:
@@ -116,10 +116,10 @@ def test_bundled_directory_loads_in_file_order():
     directory = bundled_directory()
     assert directory.is_dir()
     definitions = load_directory(directory)
-    assert [d.name for d in definitions] == ["ram-64k", "ram-1m", "showcase", "uart", "edu"]
+    assert [d.name for d in definitions] == ["ram-64k", "ram-1m", "showcase", "uart", "edu", "ioat"]
     assert [d.path.name for d in definitions] == ["ram0.toml", "ram1.toml", "showcase.toml", "uart.toml",
-                                                       "vedu.toml"]
-    assert [d.model for d in definitions] == ["generic", "generic", "generic", "uart16550", "edu"]
+                                                       "vedu.toml", "vioat.toml"]
+    assert [d.model for d in definitions] == ["generic", "generic", "generic", "uart16550", "edu", "ioat"]
     assert all(d.spec.name == d.name and d.spec.source == d.path for d in definitions)
 
 

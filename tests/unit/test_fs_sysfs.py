@@ -17,7 +17,8 @@ from vfiofs.host.daemon import build_server
 from vfiofs.host.definitions import bundled_directory, load_directory
 from vfiofs.pci import sysfs
 
-BDFS = ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0", "0000:00:04.0", "0000:00:05.0"]
+BDFS = ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0", "0000:00:04.0", "0000:00:05.0",
+        "0000:00:06.0"]
 PCI = "sys/bus/pci/devices"
 CTX = pyfuse3.RequestContext()
 

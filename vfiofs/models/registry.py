@@ -11,6 +11,7 @@ from typing import Callable
 
 from vfiofs.models.api import DeviceModel
 from vfiofs.models.edu import EduDevice
+from vfiofs.models.ioat import IoatDevice
 from vfiofs.models.uart import Uart16550
 
 ModelFactory = Callable[..., DeviceModel]
@@ -21,4 +22,5 @@ BUILTIN_MODELS: dict[str, ModelFactory] = {
     "ram": DeviceModel,  # the same, with the [ram] shorthand for one mappable BAR0
     "edu": EduDevice,  # QEMU's edu teaching device
     "uart16550": Uart16550,  # a 16550 UART like Linux's mtty sample, with a host port
+    "ioat": IoatDevice,  # an Intel I/OAT DMA engine (Skylake CBDMA), one channel
 }
