@@ -12,7 +12,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -270,6 +272,31 @@ static int read_reply(int fd, off_t slot, unsigned char *buf, uint32_t room, voi
     return 0;
 }
 
+/* A mailbox write is a file write at 2^62: under a finite RLIMIT_FSIZE the kernel fails it
+ * with EFBIG and sends SIGXFSZ, which would kill a C program. Keep the signal off it. */
+static ssize_t control_write(int fd, const void *buf, size_t len, off_t offset)
+{
+    struct rlimit lim;
+    sigset_t xfsz, old;
+    const struct timespec now = {0, 0};
+    ssize_t n;
+    int err;
+
+    if (getrlimit(RLIMIT_FSIZE, &lim) != 0 || lim.rlim_cur == RLIM_INFINITY)
+        return pwrite(fd, buf, len, offset);
+    sigemptyset(&xfsz);
+    sigaddset(&xfsz, SIGXFSZ);
+    pthread_sigmask(SIG_BLOCK, &xfsz, &old);
+    n = pwrite(fd, buf, len, offset);
+    err = errno;
+    if (n < 0 && err == EFBIG && !sigismember(&old, SIGXFSZ))
+        while (sigtimedwait(&xfsz, NULL, &now) == SIGXFSZ)
+            ;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    errno = err;
+    return n;
+}
+
 int vffs_transact(int fd, uint32_t op, uint32_t request, uint32_t arg_kind, uint64_t arg_value,
                   const struct vffs_fdref *fds, uint32_t nfds, const void *payload, uint32_t len,
                   void *reply, uint32_t room, uint32_t *reply_len, int64_t *result, int keep_failed,
@@ -296,7 +323,7 @@ int vffs_transact(int fd, uint32_t op, uint32_t request, uint32_t arg_kind, uint
         memcpy(buf + sizeof req, fds, nfds * sizeof *fds);
     if (len)
         memcpy(buf + sizeof req + nfds * sizeof *fds, payload, len);
-    n = pwrite(fd, buf, total, slot); /* the command's errno surfaces here */
+    n = control_write(fd, buf, total, slot); /* the command's errno surfaces here */
     if (n < 0) {
         err = daemon_errno(errno);
         if (keep_failed && read_reply(fd, slot, buf, room, reply, reply_len, result) == 0 && failed_reply != NULL)

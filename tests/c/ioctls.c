@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 
 static void *buffer(size_t size, int fill)
@@ -466,6 +467,20 @@ static void case_gone(void)
     CALL("mmap_gone", mmap(NULL, 4096, PROT_READ, MAP_SHARED, dev, 0) == MAP_FAILED ? -1 : 0);
 }
 
+/* Under a finite RLIMIT_FSIZE a mailbox write fails with EFBIG; the library keeps the
+ * SIGXFSZ that comes with it from killing the program. */
+static void case_fsize(void)
+{
+    int iommu = open_node("iommu");
+    struct rlimit lim = {1 << 20, 1 << 20};
+
+    signal(SIGXFSZ, SIG_DFL);
+    setrlimit(RLIMIT_FSIZE, &lim);
+    CALL("api_version_fsize", ioctl(iommu, VFIO_GET_API_VERSION));
+    CALL("api_version_fsize_again", ioctl(iommu, VFIO_GET_API_VERSION));
+    close(iommu);
+}
+
 int main(int argc, char **argv)
 {
     signal(SIGXFSZ, SIG_IGN);
@@ -487,6 +502,8 @@ int main(int argc, char **argv)
         case_fork();
     else if (!strcmp(argv[1], "kill"))
         case_kill();
+    else if (!strcmp(argv[1], "fsize"))
+        case_fsize();
     else if (!strcmp(argv[1], "gone"))
         case_gone();
     else

@@ -96,6 +96,7 @@ static inline const char *errname(int e)
     case EBADFD: return "EBADFD";
     case EOVERFLOW: return "EOVERFLOW";
     case ENOTCONN: return "ENOTCONN";
+    case EFBIG: return "EFBIG";
     default: {
         static char buf[16];
         snprintf(buf, sizeof buf, "E%d", e);

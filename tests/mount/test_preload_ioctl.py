@@ -179,6 +179,11 @@ def test_child_killed_mid_request_leaves_the_daemon_serving(program, mount):
         assert dev.get_info().num_regions == 9
 
 
+def test_finite_file_size_limit_is_efbig_not_sigxfsz(program, mount):
+    r = run(program, mount, "fsize")  # exits 0: no SIGXFSZ killed it
+    assert r["api_version_fsize"] == "EFBIG" and r["api_version_fsize_again"] == "EFBIG"
+
+
 def test_daemon_gone_fails_each_call_without_hanging(program, tmp_path):
     mountpoint = tmp_path / "mnt"
     mountpoint.mkdir()
