@@ -3,6 +3,7 @@
  * (vfio_test.h) that tests/mount/test_preload_ioctl.py asserts. */
 #include "vfio_test.h"
 
+#include <pthread.h>
 #include <signal.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
@@ -467,6 +468,42 @@ static void case_gone(void)
     CALL("mmap_gone", mmap(NULL, 4096, PROT_READ, MAP_SHARED, dev, 0) == MAP_FAILED ? -1 : 0);
 }
 
+/* Threads share one device fd; each uses its own slot (its tid), so no thread ever sees
+ * another thread's reply. */
+static int shared_dev;
+
+static void *hammer(void *index)
+{
+    long bad = 0, i;
+
+    for (i = 0; i < 200; i++) {
+        struct vfio_region_info region = {.argsz = sizeof region, .index = (uint32_t)(uintptr_t)index};
+        if (ioctl(shared_dev, VFIO_DEVICE_GET_REGION_INFO, &region) != 0 ||
+            region.offset != (uint64_t)REGION((uintptr_t)index))
+            bad++;
+    }
+    return (void *)bad;
+}
+
+static void case_threads(void)
+{
+    int iommu = open_node("iommu");
+    pthread_t threads[4];
+    long bad = 0;
+    void *result;
+    uintptr_t i;
+
+    shared_dev = open_node("vfio/devices/vfio0");
+    CALL("bind", bind_iommufd(shared_dev, iommu));
+    for (i = 0; i < 4; i++)
+        pthread_create(&threads[i], NULL, hammer, (void *)i);
+    for (i = 0; i < 4; i++) {
+        pthread_join(threads[i], &result);
+        bad += (long)result;
+    }
+    VALUE("thread_mismatches", "%ld", bad);
+}
+
 /* Under a finite RLIMIT_FSIZE a mailbox write fails with EFBIG; the library keeps the
  * SIGXFSZ that comes with it from killing the program. */
 static void case_fsize(void)
@@ -502,6 +539,8 @@ int main(int argc, char **argv)
         case_fork();
     else if (!strcmp(argv[1], "kill"))
         case_kill();
+    else if (!strcmp(argv[1], "threads"))
+        case_threads();
     else if (!strcmp(argv[1], "fsize"))
         case_fsize();
     else if (!strcmp(argv[1], "gone"))
