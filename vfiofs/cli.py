@@ -485,8 +485,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         except mounting.MountFailed as exc:
             raise CliError(f"cannot mount the devices for the command: {exc.reason}") from None
         return _run_program(program, argv, preload_environment(os.environ, library, mountpoint))
-    except _Signalled as exc:
-        return 128 + exc.signum
     finally:
         try:
             if daemon is not None:
@@ -500,25 +498,30 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_program(program: str, argv: list[str], env: dict[str, str]) -> int:
-    """Run CMD in this process group (a terminal's Ctrl-C reaches it directly, as it would reach
-    any foreground program; vfiofs run ignores it and waits); pass SIGTERM and SIGHUP on."""
-    try:
-        child = subprocess.Popen(argv, executable=program, env=env)
-    except PermissionError as exc:
-        raise CliError(f"{argv[0]}: {exc.strerror}", status=126) from None
-    except OSError as exc:
-        raise CliError(f"{argv[0]}: {exc.strerror}", status=127 if exc.errno == errno.ENOENT else 126) from None
+    """Run CMD in this process group, so a terminal's Ctrl-C reaches it directly as it reaches any
+    foreground program (vfiofs run lets it pass and waits); SIGTERM and SIGHUP are passed on.
+
+    The handlers are in place before CMD starts (none of a signal is lost in between); being
+    Python functions, not SIG_IGN, they are reset to the default in CMD by exec."""
+    child: list[subprocess.Popen] = []
 
     def forward(signum, frame):
-        try:
-            child.send_signal(signum)
-        except ProcessLookupError:
-            pass
+        if child:
+            try:
+                child[0].send_signal(signum)
+            except ProcessLookupError:
+                pass
+        else:
+            raise _Signalled(signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: None)
     try:
-        return exit_status(child.wait())
+        try:
+            child.append(subprocess.Popen(argv, executable=program, env=env))
+        except OSError as exc:
+            raise CliError(f"{argv[0]}: {exc.strerror}", status=127 if exc.errno == errno.ENOENT else 126) from None
+        return exit_status(child[0].wait())
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -546,5 +549,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"vfiofs: {exc}", file=sys.stderr)
         return exc.status
+    except _Signalled as exc:  # vfiofs run, before CMD started
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
