@@ -17,8 +17,8 @@ const char *vfiofs_mount_root(void);
 void *vfiofs_real(const char *name);
 
 /* Where `path` really is (paths.c): if it is one of the redirected device or sysfs paths, its
- * place in the mount is written to `out` (PATH_MAX bytes) and 1 returned; 0 leaves `path` as it
- * is (out untouched); -1 with errno ENAMETOOLONG when the rewritten path does not fit.
+ * place in the mount is written to `out` (PATH_MAX bytes) and 1 returned; 0: use `path` as it is
+ * (out is scratch then); -1 with errno ENAMETOOLONG when the rewritten path does not fit.
  * Async-signal-safe; errno is kept unless -1. */
 int vfiofs_redirect(const char *path, char *out);
 
