@@ -1,4 +1,4 @@
-"""Command line: ``vfiofs mount`` and ``vfiofs umount``.
+"""Command line: ``vfiofs mount``, ``vfiofs umount``, ``vfiofs run`` and the tools.
 
 Every error a user can cause ends in one line on stderr that says what is wrong and
 how to fix it, and a non-zero exit status — never a traceback.
@@ -19,17 +19,19 @@ import grp
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Mapping, NoReturn, Sequence
 
-from vfiofs.host import mounting
+from vfiofs.host import mounting, preload
 from vfiofs.host.mounting import mount_type  # a name of this module: clean_stale_mount looks it up here
 from vfiofs.host.definitions import DefinitionError, bundled_directory, load_directory
 
 FUSE_DEVICE = Path("/dev/fuse")
-COMMANDS = ("mount", "umount", "validate", "ls", "trace")
+COMMANDS = ("mount", "umount", "validate", "ls", "trace", "run")
 BUNDLED = ("bundled", "vfiofs")  # a SOURCE (or --devices) naming the bundled definitions
 DEFAULT_MODE = 0o600
 # vfiofs's own -o options (for fstab lines, which cannot pass flags): key -> example value.
@@ -44,7 +46,11 @@ IGNORED_PREFIXES = ("x-", "X-", "comment=")
 
 
 class CliError(Exception):
-    """A user-facing failure: printed as one line, exit status 1."""
+    """A user-facing failure: printed as one line, exit status ``status`` (1 unless given)."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,6 +89,17 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("mountpoint", type=Path)
     trace.add_argument("--json", action="store_true", help="one JSON object per line")
     trace.add_argument("--count", type=int, help="stop after this many events")
+    run = sub.add_parser(
+        "run", help="run a program that sees the devices at /dev/iommu, /dev/vfio and /sys (LD_PRELOAD)",
+        usage=RUN_USAGE,
+        description="Run CMD with vfiofs's interposition library preloaded: its /dev/iommu, /dev/vfio/... and the "
+                    "devices' /sys/bus/pci/devices/<bdf> and /sys/kernel/iommu_groups/<n> paths lead into the "
+                    "mount. Without --mount the devices are mounted on a private temporary mountpoint for the life "
+                    "of CMD. The exit status is CMD's (128+N if a signal N killed it).")
+    run.add_argument("--mount", type=Path, metavar="MNT", help="a running vfiofs mount to use")
+    run.add_argument("--devices", metavar="DIR",
+                     help="device definitions to mount for CMD (default, or 'bundled': the bundled devices)")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]", help="the program and its arguments")
     validate = sub.add_parser("validate", help="check device definitions without mounting")
     validate.add_argument("directory", type=Path, nargs="?", help="definitions (default: the bundled devices)")
     return parser
@@ -370,6 +387,146 @@ def cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+RUN_USAGE = "vfiofs run [--mount MNT | --devices DIR] -- CMD [ARGS...]"
+FORWARDED = (signal.SIGTERM, signal.SIGHUP)  # what vfiofs run passes on to CMD
+
+
+class _Signalled(Exception):
+    """SIGTERM or SIGHUP before CMD started: undo the mount, exit as if killed by it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def preload_environment(environ: Mapping[str, str], library: Path, mountpoint: Path) -> dict[str, str]:
+    """CMD's environment: the library first in LD_PRELOAD (before what the user preloads), the mount."""
+    env = dict(environ)
+    rest = [entry for entry in env.get("LD_PRELOAD", "").replace(" ", ":").split(":")
+            if entry and entry != str(library)]
+    env["LD_PRELOAD"] = ":".join([str(library), *rest])
+    env["VFIOFS_MOUNT"] = str(mountpoint)
+    return env
+
+
+def without_preload(environ: Mapping[str, str], library: Path) -> dict[str, str]:
+    """The daemon's environment: not preloaded, even inside another vfiofs run."""
+    env = {key: value for key, value in environ.items() if key != "VFIOFS_MOUNT"}
+    rest = [entry for entry in env.pop("LD_PRELOAD", "").replace(" ", ":").split(":")
+            if entry and entry != str(library)]
+    if rest:
+        env["LD_PRELOAD"] = ":".join(rest)
+    return env
+
+
+def exit_status(returncode: int) -> int:
+    """A shell's $? for a child's returncode: 128+N for death by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def find_program(name: str, path: str | None) -> str:
+    """The file exec would run for ``name`` (a shell's rules: with a slash as is, else on PATH)."""
+    if "/" in name:
+        if not os.path.exists(name):
+            raise CliError(f"{name}: no such file", status=127)
+        if os.path.isdir(name) or not os.access(name, os.X_OK):
+            raise CliError(f"{name}: not an executable file", status=126)
+        return name
+    found = shutil.which(name, path=path)
+    if found is None:
+        raise CliError(f"{name}: command not found", status=127)
+    return found
+
+
+def check_run_mount(path: Path) -> Path:
+    """``--mount``: an existing, answering vfiofs mount; returned absolute, symlinks resolved."""
+    try:
+        if not path.is_dir():
+            raise CliError(f"mount {path} does not exist" if not path.exists() else f"{path} is not a directory")
+        status = (path / ".vfiofs" / "status").is_file()
+    except OSError as exc:
+        raise CliError(f"cannot use the mount {path}: {exc.strerror}"
+                       + (" (its daemon is gone: 'vfiofs umount' it)" if exc.errno == errno.ENOTCONN else "")) from None
+    if not status:
+        raise CliError(f"{path} is not a vfiofs mount: mount one with 'vfiofs mount {path}', or leave out --mount "
+                       "to mount the devices for the command")
+    return path.resolve()
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise CliError(f"run: no command given: {RUN_USAGE}", status=2)
+    if args.mount is not None and args.devices is not None:
+        raise CliError("run: --mount uses a running mount, --devices mounts new ones: give one of them", status=2)
+    try:
+        library = preload.library_path()
+    except preload.PreloadMissing as exc:
+        raise CliError(str(exc)) from None
+    program = find_program(argv[0], os.environ.get("PATH", os.defpath))
+    if args.mount is not None:
+        return _run_program(program, argv, preload_environment(os.environ, library, check_run_mount(args.mount)))
+    check_fuse_device()
+    definitions = _load(args.devices)
+
+    def stop(signum, frame):
+        raise _Signalled(signum)
+
+    previous = {signum: signal.signal(signum, stop) for signum in FORWARDED}
+    scratch = Path(tempfile.mkdtemp(prefix="vfiofs-run-"))
+    mountpoint = scratch / "mnt"
+    daemon = None
+    try:
+        mountpoint.mkdir()
+        try:
+            daemon = mounting.start(mountpoint, devices=definitions[0].path.parent.resolve(),
+                                    state_dir=scratch / "state", env=without_preload(os.environ, library),
+                                    detach=True)  # a session of its own: Ctrl-C at the terminal is for CMD
+        except mounting.MountFailed as exc:
+            raise CliError(f"cannot mount the devices for the command: {exc.reason}") from None
+        return _run_program(program, argv, preload_environment(os.environ, library, mountpoint))
+    finally:
+        try:
+            if daemon is not None:
+                daemon.stop()
+                daemon.close_log()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            if not mounting.is_mounted(mountpoint):
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_program(program: str, argv: list[str], env: dict[str, str]) -> int:
+    """Run CMD in this process group, so a terminal's Ctrl-C reaches it directly as it reaches any
+    foreground program (vfiofs run lets it pass and waits); SIGTERM and SIGHUP are passed on.
+
+    The handlers are in place before CMD starts (none of a signal is lost in between); being
+    Python functions, not SIG_IGN, they are reset to the default in CMD by exec."""
+    child: list[subprocess.Popen] = []
+
+    def forward(signum, frame):
+        if child:
+            try:
+                child[0].send_signal(signum)
+            except ProcessLookupError:
+                pass
+        else:
+            raise _Signalled(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in FORWARDED}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        try:
+            child.append(subprocess.Popen(argv, executable=program, env=env))
+        except OSError as exc:
+            raise CliError(f"{argv[0]}: {exc.strerror}", status=127 if exc.errno == errno.ENOENT else 126) from None
+        return exit_status(child[0].wait())
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def mount_helper_argv(argv: Sequence[str]) -> list[str]:
     """``vfiofs SOURCE MOUNTPOINT [-o OPTS]`` (mount.fuse3's call) as ``vfiofs mount`` arguments."""
     argv = list(argv)
@@ -387,10 +544,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         commands = {"mount": cmd_mount, "umount": cmd_umount, "validate": cmd_validate, "ls": cmd_ls,
-                    "trace": cmd_trace}
+                    "trace": cmd_trace, "run": cmd_run}
         return commands[args.command](args)
     except CliError as exc:
         print(f"vfiofs: {exc}", file=sys.stderr)
-        return 1
+        return exc.status
+    except _Signalled as exc:  # vfiofs run, before CMD started
+        return 128 + exc.signum
     except KeyboardInterrupt:
         return 130
