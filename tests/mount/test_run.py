@@ -97,8 +97,8 @@ def test_every_call_sees_the_mounts_devices(mount, programs):
     expect(want, FOPENS, "/sys/kernel/debug/iommu/intel/0000:00:01.0/domain_translation_struct", "! ENOENT")
     want["opendir", f"{B}/vfio-dev/"] = "= vfio0"
     want["opendir", f"{EDU}/vfio-dev"] = "= vfio4"
-    want["opendir", "/dev/vfio"] = "= 0 1 2 3 4 devices vfio"
-    want["opendir", "/dev/vfio/devices/"] = "= vfio0 vfio1 vfio2 vfio3 vfio4"
+    want["opendir", "/dev/vfio"] = "= 0 1 2 3 4 5 devices vfio"
+    want["opendir", "/dev/vfio/devices/"] = "= vfio0 vfio1 vfio2 vfio3 vfio4 vfio5"
     want["opendir", "/sys/kernel/iommu_groups/4"] = "= devices reserved_regions type"
     want["opendir", f"{B}/vendor"] = "! ENOTDIR"
     expect(want, READLINKS, f"{B}/iommu_group", "= ../../../../kernel/iommu_groups/0")
@@ -170,8 +170,8 @@ def test_shell_commands_see_the_devices_on_a_private_mount():
     mnt = Path(lines[0])
     assert mnt.name == "mnt" and mnt.parent.name.startswith("vfiofs-run-")
     assert lines[1:] == ["0x1234", "0x11e8", "vfio0", "vfio1", "vfio2", "vfio3", "vfio4",
-                         "../../../../kernel/iommu_groups/0", "vfio0", "no-debugfs",
-                         "0x1234 ['0', '1', '2', '3', '4', 'devices', 'vfio']"]
+                         "vfio5", "../../../../kernel/iommu_groups/0", "vfio0", "no-debugfs",
+                         "0x1234 ['0', '1', '2', '3', '4', '5', 'devices', 'vfio']"]
     assert not is_mounted(mnt) and not mnt.parent.exists()
 
 
