@@ -42,6 +42,19 @@ def models_mount(tmp_path: Path):
 
 
 @pytest.fixture
+def legacy(tmp_path: Path):
+    """Three devices for the legacy path: two 64 KiB RAM devices sharing IOMMU group 7
+    (0000:00:01.0 and 0000:00:02.0) and the interrupt/DMA test device in a group of its own."""
+    defs = tmp_path / "defs"
+    defs.mkdir()
+    ram = 'model = "ram"\niommu_group = 7\n[ram]\nsize = "64KiB"\n'
+    (defs / "a.toml").write_text(ram)
+    (defs / "b.toml").write_text(ram)
+    shutil.copy(MODELS / "irq_test_device.toml", defs / "c.toml")
+    yield from _serve(tmp_path / "mnt", devices=defs, pythonpath=MODELS)
+
+
+@pytest.fixture
 def public_dir():
     """A directory every user can traverse (pytest's tmp_path is private to root)."""
     path = tempfile.mkdtemp(prefix="vfiofs-public-")

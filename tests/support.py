@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -164,3 +165,47 @@ async def fuse_errno(coro) -> int:
     with pytest.raises(pyfuse3.FUSEError) as exc:
         await coro
     return exc.value.errno
+
+
+class FakeDma:
+    """A DMA port for model unit tests: one mapping [iova, iova + size) over a bytearray,
+    every access recorded; anything else raises DmaFault, as an unmapped IOVA does."""
+
+    def __init__(self, iova: int, size: int) -> None:
+        self.iova, self.memory = iova, bytearray(size)
+        self.accesses: list[tuple[str, int, int]] = []
+
+    def _at(self, iova: int, size: int) -> int:
+        from vfiofs.models.api import DmaFault
+
+        if not (self.iova <= iova and iova + size <= self.iova + len(self.memory)):
+            raise DmaFault(iova, size, "no mapping")
+        return iova - self.iova
+
+    def read(self, iova: int, size: int) -> bytes:
+        self.accesses.append(("read", iova, size))
+        at = self._at(iova, size)
+        return bytes(self.memory[at : at + size])
+
+    def write(self, iova: int, data: bytes) -> None:
+        self.accesses.append(("write", iova, len(data)))
+        at = self._at(iova, len(data))
+        self.memory[at : at + len(data)] = data
+
+    def put(self, iova: int, data: bytes) -> None:
+        """Fill the driver's memory directly (not a device access)."""
+        self.memory[iova - self.iova : iova - self.iova + len(data)] = data
+
+    def get(self, iova: int, size: int) -> bytes:
+        return bytes(self.memory[iova - self.iova : iova - self.iova + size])
+
+
+def node_by_ids(mount: "Mount", vendor: int, device: int) -> str:
+    """The vfio/devices/vfioN node of the device with these PCI ids, found in the mount's sysfs."""
+    pci = mount.path / "sys/bus/pci/devices"
+    for bdf in sorted(os.listdir(pci)):
+        ids = [(pci / bdf / name).read_text().strip() for name in ("vendor", "device")]
+        if ids == [f"{vendor:#06x}", f"{device:#06x}"]:
+            (vfio,) = os.listdir(pci / bdf / "vfio-dev")
+            return mount.node(f"vfio/devices/{vfio}")
+    raise AssertionError(f"no {vendor:04x}:{device:04x} device in the mount")

@@ -11,7 +11,7 @@ import select
 
 import pytest
 
-from support import errno_of, wait_until
+from support import errno_of, node_by_ids, wait_until
 from vfiofs import client as vc
 from vfiofs.client import IommuFd, VfioDevice
 
@@ -24,14 +24,7 @@ ONES8 = 0xFFFF_FFFF_FFFF_FFFF
 # -- through a real mount ------------------------------------------------------------------------------
 
 def edu_node(mount) -> str:
-    """The vfio/devices/vfioN node of the edu device, found by its ids in the mount's sysfs."""
-    pci = mount.path / "sys/bus/pci/devices"
-    for bdf in sorted(os.listdir(pci)):
-        ids = [(pci / bdf / name).read_text().strip() for name in ("vendor", "device")]
-        if ids == ["0x1234", "0x11e8"]:
-            (vfio,) = os.listdir(pci / bdf / "vfio-dev")
-            return mount.node(f"vfio/devices/{vfio}")
-    raise AssertionError("no edu device in the mount")
+    return node_by_ids(mount, 0x1234, 0x11E8)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from support import wait_until
+from support import node_by_ids, wait_until
 from vfiofs import client as vc
 from vfiofs.client import IommuFd, VfioDevice
 
@@ -32,14 +32,7 @@ DONE, SUSPENDED, HALTED = 1, 2, 3
 
 
 def ioat_node(mount) -> str:
-    """The vfio/devices/vfioN node of the I/OAT device, found by its ids in the mount's sysfs."""
-    pci = mount.path / "sys/bus/pci/devices"
-    for bdf in sorted(os.listdir(pci)):
-        ids = [(pci / bdf / name).read_text().strip() for name in ("vendor", "device")]
-        if ids == ["0x8086", "0x2021"]:
-            (vfio,) = os.listdir(pci / bdf / "vfio-dev")
-            return mount.node(f"vfio/devices/{vfio}")
-    raise AssertionError("no I/OAT device in the mount")
+    return node_by_ids(mount, 0x8086, 0x2021)
 
 
 class Rig:

@@ -13,37 +13,19 @@ import errno
 import mmap
 import os
 import secrets
-import shutil
 import struct
-from pathlib import Path
 
 import pytest
 
-from support import errno_of, run_dma, start_mount, stop_mount
+from support import errno_of, run_dma
 from vfiofs import client as vc
 from vfiofs.client import IommuFd, VfioContainer, VfioGroup, ioctl
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
 RAM = 'model = "ram"\niommu_group = 7\n[ram]\nsize = "64KiB"\n'
 BDF = ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0"]
 PAGE = 4096
 TOP = (1 << 64) - PAGE
 VIABLE, CONTAINER_SET = vc.VFIO_GROUP_FLAGS_VIABLE, vc.VFIO_GROUP_FLAGS_CONTAINER_SET
-
-
-@pytest.fixture
-def legacy(tmp_path):
-    defs = tmp_path / "defs"
-    defs.mkdir()
-    (defs / "a.toml").write_text(RAM)
-    (defs / "b.toml").write_text(RAM)
-    shutil.copy(MODELS / "irq_test_device.toml", defs / "c.toml")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    m = start_mount(mnt, devices=defs, pythonpath=MODELS)
-    yield m
-    assert m.alive(), "the daemon died"
-    assert stop_mount(m) == 0
 
 
 def group_number(mount, bdf: str) -> int:

@@ -12,36 +12,17 @@ import mmap
 import os
 import secrets
 import select
-import shutil
 import struct
-from pathlib import Path
 
-import pytest
 
-from support import errno_of, run_dma, start_mount, stop_mount
+from support import errno_of, run_dma
 from vfiofs import client as vc
 from vfiofs.client import IommuFd, VfioContainer, VfioDevice, VfioGroup, ioctl
 
-MODELS = Path(__file__).resolve().parents[1] / "models"
 RAM = 'model = "ram"\niommu_group = 7\n[ram]\nsize = "64KiB"\n'
 VIABLE, CONTAINER_SET = vc.VFIO_GROUP_FLAGS_VIABLE, vc.VFIO_GROUP_FLAGS_CONTAINER_SET
 BDF = ["0000:00:01.0", "0000:00:02.0", "0000:00:03.0"]
 PAGE = 4096
-
-
-@pytest.fixture
-def legacy(tmp_path):
-    defs = tmp_path / "defs"
-    defs.mkdir()
-    (defs / "a.toml").write_text(RAM)
-    (defs / "b.toml").write_text(RAM)
-    shutil.copy(MODELS / "irq_test_device.toml", defs / "c.toml")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    m = start_mount(mnt, devices=defs, pythonpath=MODELS)
-    yield m
-    assert m.alive(), "the daemon died"
-    assert stop_mount(m) == 0
 
 
 def group_of(mount, index: int) -> int:
@@ -91,7 +72,7 @@ def test_container_ioctls(legacy):
 
 
 def test_group_ioctls(legacy):
-    with VfioGroup(legacy.node("vfio/7")) as group, IommuFd(legacy.iommu) as iommu:
+    with VfioGroup(legacy.node("vfio/7")) as group:
         assert group.get_status() == VIABLE
         assert errno_of(group.set_container, 999) == errno.EBADF
         efd = os.eventfd(0, os.EFD_CLOEXEC)  # open, but neither a container nor an iommufd
@@ -153,7 +134,6 @@ def test_the_two_paths_exclude_each_other(legacy):
         assert other.bind_iommufd(iommu) >= 1
         other.close()
         container.close()
-
 
 
 def test_whole_legacy_sequence_with_dma(legacy):

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import pytest
 
-from support import RecordingSink
+from support import FakeDma, RecordingSink
 from vfiofs import abi
-from vfiofs.models.api import DmaFault, ModelContext
+from vfiofs.models.api import ModelContext
 from vfiofs.host.definitions import bundled_directory, load_definition
 from vfiofs.models.edu import EduDevice, factorial32
 from vfiofs.models.timers import ManualScheduler
@@ -27,29 +27,6 @@ HOST_SIZE = 0x4000
 
 
 # -- fixtures for the unit tests --------------------------------------------------------------------
-
-class FakeDma:
-    """One mapping [HOST_IOVA, HOST_IOVA + HOST_SIZE) over a bytearray; DmaFault elsewhere."""
-
-    def __init__(self) -> None:
-        self.memory = bytearray(HOST_SIZE)
-        self.accesses: list[tuple[str, int, int]] = []
-
-    def _at(self, iova: int, size: int) -> int:
-        if not (HOST_IOVA <= iova and iova + size <= HOST_IOVA + HOST_SIZE):
-            raise DmaFault(iova, size, "no mapping")
-        return iova - HOST_IOVA
-
-    def read(self, iova: int, size: int) -> bytes:
-        self.accesses.append(("read", iova, size))
-        at = self._at(iova, size)
-        return bytes(self.memory[at : at + size])
-
-    def write(self, iova: int, data: bytes) -> None:
-        self.accesses.append(("write", iova, len(data)))
-        at = self._at(iova, len(data))
-        self.memory[at : at + len(data)] = data
-
 
 SPEC = load_definition(bundled_directory() / "vedu.toml").spec
 
@@ -75,7 +52,7 @@ class Rig:
 def make(cls=EduDevice, irq_type: str = "none") -> Rig:
     clock = ManualScheduler()
     model = cls(SPEC, ModelContext.standalone(SPEC, clock))
-    rig = Rig(model, RecordingSink(irq_type), FakeDma(), clock)
+    rig = Rig(model, RecordingSink(irq_type), FakeDma(HOST_IOVA, HOST_SIZE), clock)
     model.context.connect_interrupts(rig.irqs)
     model.context.connect_dma(rig.host)
     return rig

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 import pytest
 
-from support import RecordingSink
+from support import FakeDma, RecordingSink
 from vfiofs import abi
 from vfiofs.host.definitions import bundled_directory, load_definition
-from vfiofs.models.api import DmaFault, ModelContext
+from vfiofs.models.api import ModelContext
 from vfiofs.models.ioat import IoatDevice
 from vfiofs.models.timers import ManualScheduler
 
@@ -35,35 +35,6 @@ INT_EN, COMPL_WRITE, NULL = 0x01, 0x08, 0x20
 SPEC = load_definition(bundled_directory() / "vioat.toml").spec
 
 
-class FakeDma:
-    """One mapping [HOST_IOVA, HOST_IOVA + HOST_SIZE) over a bytearray; DmaFault elsewhere."""
-
-    def __init__(self) -> None:
-        self.memory = bytearray(HOST_SIZE)
-        self.accesses: list[tuple[str, int, int]] = []
-
-    def _at(self, iova: int, size: int) -> int:
-        if not (HOST_IOVA <= iova and iova + size <= HOST_IOVA + HOST_SIZE):
-            raise DmaFault(iova, size, "no mapping")
-        return iova - HOST_IOVA
-
-    def read(self, iova: int, size: int) -> bytes:
-        self.accesses.append(("read", iova, size))
-        at = self._at(iova, size)
-        return bytes(self.memory[at : at + size])
-
-    def write(self, iova: int, data: bytes) -> None:
-        self.accesses.append(("write", iova, len(data)))
-        at = self._at(iova, len(data))
-        self.memory[at : at + len(data)] = data
-
-    def put(self, iova: int, data: bytes) -> None:
-        self.memory[iova - HOST_IOVA : iova - HOST_IOVA + len(data)] = data
-
-    def get(self, iova: int, size: int) -> bytes:
-        return bytes(self.memory[iova - HOST_IOVA : iova - HOST_IOVA + size])
-
-
 @dataclass
 class Rig:
     model: IoatDevice
@@ -75,7 +46,7 @@ class Rig:
 def make(cls=IoatDevice, irq_type: str = "msix") -> Rig:
     clock = ManualScheduler()
     model = cls(SPEC, ModelContext.standalone(SPEC, clock))
-    rig = Rig(model, RecordingSink(irq_type), FakeDma(), clock)
+    rig = Rig(model, RecordingSink(irq_type), FakeDma(HOST_IOVA, HOST_SIZE), clock)
     model.context.connect_interrupts(rig.irqs)
     model.context.connect_dma(rig.host)
     return rig
