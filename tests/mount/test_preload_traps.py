@@ -4,8 +4,10 @@ and stores; each access reaches the device model through the SIGSEGV handler."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import select
 import shutil
 import signal
 import subprocess
@@ -49,13 +51,41 @@ def run(program: Path, mount, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(program), *args], env=env, capture_output=True, text=True, timeout=60)
 
 
+def traced(program: Path, mount, device: str, region: str, *args: str):
+    """Run the program with the mount's trace open; its result and its writes to ``region`` of
+    ``device`` as (offset, size, value), in the order the model saw them."""
+    fd = os.open(mount.node(".vfiofs/trace"), os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        done = run(program, mount, *args)
+        events: list[dict] = []
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        # each write is traced before its pwrite returns: once the program exited, all are queued
+        while poller.poll(0):
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                break
+            events += [json.loads(line) for line in chunk.splitlines()]
+    finally:
+        os.close(fd)
+    name = device.rsplit("/", 1)[1]
+    return done, [(e["offset"], e["size"], e["value"]) for e in events
+                  if e["op"] == "write" and e.get("device") == name and e.get("region") == region]
+
+
 def results(done: subprocess.CompletedProcess) -> dict[str, str]:
     assert done.returncode == 0, done.stderr + done.stdout
     return dict(line.split("=", 1) for line in done.stdout.splitlines() if "=" in line)
 
 
 def test_every_store_and_load_form_reaches_the_register_page(program, mount):
-    r = results(run(program, mount, "forms", showcase(mount)))
+    done, writes = traced(program, mount, showcase(mount), "BAR1", "forms", showcase(mount))
+    r = results(done)
+    # each store reached the model once, in program order, with its exact size
+    assert writes == [(0x100, 1, "0x11"), (0x101, 1, "0x22"), (0x102, 2, "0x3344"), (0x104, 4, "0x55667788"),
+                      (0x108, 8, "0x102030405060708"), (0x120, 4, "0x99aabbcc"), (0x124, 4, "0xddeeff00"),
+                      (0x130, 1, "0x5a"), (0x132, 2, "0x1234"), (0x134, 4, "0xdeadbeef"),
+                      (0x138, 8, "0xfffffffffffffffe"), (0x0, 4, "0xfeedf00d")]
     # stores (88, 88 from AH, 66 89, 89, REX.W 89 from r9, SIB, disp32), as pread sees them
     assert (r["b"], r["bh"], r["w"], r["l"], r["q"]) == ("0x11", "0x22", "0x3344", "0x55667788", "0x102030405060708")
     assert (r["sib"], r["disp32"]) == ("0x99aabbcc", "0xddeeff00")
@@ -74,7 +104,11 @@ def test_every_store_and_load_form_reaches_the_register_page(program, mount):
 
 def test_ioat_driven_through_the_mapping(program, mount):
     """Two memcpys kicked by identical CHAINADDR and DMACOUNT stores, polled through CHANSTS."""
-    r = results(run(program, mount, "ioat", node(mount, "0x8086", "0x2021")))
+    ioat = node(mount, "0x8086", "0x2021")
+    done, writes = traced(program, mount, ioat, "BAR0", "ioat", ioat)
+    r = results(done)
+    kick = [(0x80, 2, "0x1"), (0x90, 8, "0x100000"), (0x86, 2, "0x1")]  # INT_REARM, CHAINADDR, DMACOUNT
+    assert writes == [(0x03, 1, "0x1")] + kick + kick
     assert (r["attach"], r["ioas_map"]) == ("ok:0", "ok:0")
     assert r["ver"] == "0x33" and r["chansts_power_on"] == "3"  # HALTED
     for n in (1, 2):
