@@ -5,6 +5,8 @@
  * instruction form the decoder handles is exercised whatever the compiler would emit. */
 #include "vfio_test.h"
 
+#include <setjmp.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <time.h>
 
@@ -153,6 +155,10 @@ static void case_crash(const char *node, const char *how)
             size_t n = 8;
             VALUE("before", "%d", 1);
             asm volatile("rep movsb" : "+D"(dst), "+S"(s), "+c"(n) : : "memory");
+        } else if (strcmp(how, "closed") == 0) {
+            close(dev); /* the mapping outlives the fd, the traps do not */
+            VALUE("before", "%d", 1);
+            *(volatile uint32_t *)(bar + 0x100) = 1;
         } else if (strcmp(how, "null") == 0) {
             volatile int *volatile nowhere = NULL;
             VALUE("before", "%d", 1);
@@ -160,6 +166,38 @@ static void case_crash(const char *node, const char *how)
         }
     }
     VALUE("survived", "%d", 1);
+}
+
+/* A SIGSEGV handler the program had before the first trapped mapping still gets the faults
+ * that are not register accesses; register accesses keep working after it ran. */
+static sigjmp_buf recover;
+
+static void own_handler(int sig)
+{
+    (void)sig;
+    siglongjmp(recover, 1);
+}
+
+static void case_chain(const char *node)
+{
+    int iommu = open_node("iommu"), dev = open_node(node);
+    struct sigaction sa = {.sa_handler = own_handler};
+    volatile int *volatile nowhere = NULL;
+    volatile int chained = 0;
+    uint64_t size;
+    char *bar;
+
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGSEGV, &sa, NULL);
+    bar = map_bar(dev, iommu, 1, PROT_READ | PROT_WRITE, &size);
+    if (sigsetjmp(recover, 1) == 0)
+        nowhere[2] = 1;
+    else
+        chained = 1;
+    VALUE("chained", "%d", chained);
+    *(volatile uint32_t *)(bar + 0x100) = 0x600d;
+    VALUE("after", "0x%llx", (unsigned long long)pread_value(dev, REGION(1) + 0x100, 4));
+    VALUE("load_after", "0x%x", *(volatile uint32_t *)(bar + 0x100));
 }
 
 /* The I/OAT channel 0 (vfiofs/models/ioat.py) driven only through the mapping. */
@@ -233,10 +271,12 @@ int main(int argc, char **argv)
         case_forms(argv[2]);
     else if (argc >= 4 && strcmp(argv[1], "crash") == 0)
         case_crash(argv[2], argv[3]);
+    else if (argc >= 3 && strcmp(argv[1], "chain") == 0)
+        case_chain(argv[2]);
     else if (argc >= 3 && strcmp(argv[1], "ioat") == 0)
         case_ioat(argv[2]);
     else {
-        fprintf(stderr, "usage: traps forms|ioat NODE | traps crash NODE readonly|rep_movsb|null\n");
+        fprintf(stderr, "usage: traps forms|ioat NODE | traps chain NODE | traps crash NODE readonly|rep_movsb|closed|null\n");
         return 2;
     }
     return 0;

@@ -117,7 +117,12 @@ def test_ioat_driven_through_the_mapping(program, mount):
     assert r["chanerr"] == "0" and r["munmap"] == "ok:0"
 
 
-@pytest.mark.parametrize("how", ["rep_movsb", "readonly", "null"])
+def test_faults_elsewhere_go_to_the_programs_own_handler(program, mount):
+    r = results(run(program, mount, "chain", showcase(mount)))
+    assert (r["chained"], r["after"], r["load_after"]) == ("1", "0x600d", "0x600d")
+
+
+@pytest.mark.parametrize("how", ["rep_movsb", "readonly", "closed", "null"])
 def test_what_cannot_be_forwarded_still_dies_with_sigsegv(program, mount, how):
     done = run(program, mount, "crash", showcase(mount), how)
     assert done.returncode == -signal.SIGSEGV, done.stderr + done.stdout
@@ -125,6 +130,9 @@ def test_what_cannot_be_forwarded_still_dies_with_sigsegv(program, mount, how):
     if how == "rep_movsb":
         assert "before=1" in done.stdout
         assert done.stderr.startswith("vfiofs: register access by an instruction it cannot decode: f3 a4")
+    elif how == "closed":
+        assert "before=1" in done.stdout
+        assert done.stderr.startswith("vfiofs: register access after the device fd was closed:")
     elif how == "readonly":
         assert "load=0x0" in done.stdout  # a load on a read-only mapping is forwarded, a store is not
         assert done.stderr == ""
