@@ -80,6 +80,14 @@ void vffs_fd_forget(int fd);
 void vffs_fd_copy(int oldfd, int newfd);
 void vffs_fd_note(int fd, enum node_kind kind, uint64_t ino);
 
+/* Register traps (trap.c): PROT_NONE pages of a BAR mapping whose loads and stores become
+ * pread/pwrite of `fd` at `base` + (address - start) (stores only if `prot` has PROT_WRITE;
+ * nothing is trapped without PROT_READ). Returns 0 or an errno. */
+int vffs_trap_supported(void);
+int vffs_trap_add(uintptr_t start, uintptr_t end, int fd, uint64_t base, int prot);
+/* [start, end) is no longer (all) ours: munmap, or a MAP_FIXED mapping over it. */
+void vffs_trap_forget(uintptr_t start, uintptr_t end);
+
 #pragma GCC visibility pop
 
 #endif
