@@ -5,6 +5,8 @@
  *   preload_bench ioctl N           VFIO_DEVICE_GET_REGION_INFO on bound vfio0 (ram0)
  *   preload_bench pread N PATH      4-byte pread at offset 0 of PATH (a vfiofs node: bound vfio0
  *                                   BAR0 through the library; any other file: as is)
+ *   preload_bench trap N            4-byte loads and stores of showcase (vfio2) BAR1's register at 0x100
+ *                                   through a whole-BAR mapping (a trapped page), and pread/pwrite of it
  *   preload_bench memcpy N          1 MiB copies out of / into showcase (vfio2) BAR2 mapped
  *                                   through the library, and the same on anonymous memory */
 #define _GNU_SOURCE
@@ -82,6 +84,48 @@ int main(int argc, char **argv)
                 t[i] = now() - t0;
         }
         report("pread", t, n);
+    } else if (strcmp(argv[1], "trap") == 0) {
+        int dev = bound("vfio/devices/vfio2", &iommu);
+        const size_t size = 64 * 1024;
+        volatile uint32_t *bar = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED, dev, REGION(1));
+        volatile uint32_t *reg;
+        uint32_t value = 0;
+
+        if (bar == MAP_FAILED) {
+            perror("mmap BAR1");
+            return 1;
+        }
+        reg = bar + 0x100 / 4;
+        for (int i = -200; i < n; i++) {
+            t0 = now();
+            value += *reg;
+            if (i >= 0)
+                t[i] = now() - t0;
+        }
+        report("trap.load", t, n);
+        for (int i = -200; i < n; i++) {
+            t0 = now();
+            *reg = (uint32_t)i;
+            if (i >= 0)
+                t[i] = now() - t0;
+        }
+        report("trap.store", t, n);
+        for (int i = -200; i < n; i++) {
+            t0 = now();
+            if (pread(dev, &value, 4, REGION(1) + 0x100) != 4)
+                return 1;
+            if (i >= 0)
+                t[i] = now() - t0;
+        }
+        report("pread", t, n);
+        for (int i = -200; i < n; i++) {
+            t0 = now();
+            if (pwrite(dev, &value, 4, REGION(1) + 0x100) != 4)
+                return 1;
+            if (i >= 0)
+                t[i] = now() - t0;
+        }
+        report("pwrite", t, n);
     } else if (strcmp(argv[1], "memcpy") == 0) {
         const size_t size = 1 << 20;
         int dev = bound("vfio/devices/vfio2", &iommu);

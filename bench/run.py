@@ -677,6 +677,13 @@ def bench_preload(h: Harness, vfs: Server, c: Server, n: int, n_copy: int) -> No
     through = run_preload_bench(h, vfs, "pread", str(n), str(vfs.mountpoint / "vfio/devices/vfio0"))["pread"]
     figure("preload.pread4", "us", through, "C pread of the C libfuse server", floor,
            label="C pread of 4 bytes at BAR0 of bound vfio0 (program under the library)")
+    traps = run_preload_bench(h, vfs, "trap", str(n))
+    for kind, syscall in (("load", "pread"), ("store", "pwrite")):
+        label = f"C 4-byte {kind} on a trapped BAR register page (showcase BAR1+0x100) through the library"
+        figure(f"preload.trap4.{kind}", "us", traps[f"trap.{kind}"], f"C {syscall} of the same register",
+               traps[syscall], label=label)
+        figure(f"preload.trap4.{kind}", "us", traps[f"trap.{kind}"], "C pread of the C libfuse server", floor,
+               label=label)
     copies = run_preload_bench(h, vfs, "memcpy", str(n_copy))
     for kind in ("read", "write"):
         figure(f"preload.bar_memcpy.{kind}", "us", copies[f"bar.{kind}"], "memcpy, anonymous memory",
