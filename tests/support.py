@@ -209,3 +209,19 @@ def node_by_ids(mount: "Mount", vendor: int, device: int) -> str:
             (vfio,) = os.listdir(pci / bdf / "vfio-dev")
             return mount.node(f"vfio/devices/{vfio}")
     raise AssertionError(f"no {vendor:04x}:{device:04x} device in the mount")
+
+
+def build_c(source: Path, out: Path, *flags: str) -> Path:
+    """Compile a C test program from tests/c with the system gcc (the install step puts it there);
+    warnings are errors. Fails the test, with gcc's messages, if it does not build."""
+    done = subprocess.run(["gcc", "-Wall", "-Wextra", "-Werror", *flags, "-o", str(out), str(source), "-pthread"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, f"gcc failed on {source.name}:\n{done.stderr}"
+    return out
+
+
+def preload_env(mount: "Mount") -> dict[str, str]:
+    """The environment a C program needs to reach ``mount`` through the interposition library."""
+    from vfiofs.host.preload import library_path
+
+    return dict(os.environ, LD_PRELOAD=str(library_path()), VFIOFS_MOUNT=str(mount.path))

@@ -3,32 +3,25 @@ mount with plain ioctl(2)/mmap(2) under LD_PRELOAD, and prints what each call re
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from support import REPO, start_mount, stop_mount
+from support import REPO, build_c, preload_env, start_mount, stop_mount
 from vfiofs.client import IommuFd, VfioDevice
-from vfiofs.host.preload import library_path
 
 SOURCE = REPO / "tests" / "c" / "ioctls.c"
 
 
 @pytest.fixture(scope="module")
 def program(tmp_path_factory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("no C compiler")
-    out = tmp_path_factory.mktemp("c") / "ioctls"
-    subprocess.run(["gcc", "-O1", "-Wall", "-Wextra", "-Werror", "-pthread", "-o", str(out), str(SOURCE)], check=True)
-    return out
+    return build_c(SOURCE, tmp_path_factory.mktemp("c") / "ioctls", "-O1")
 
 
 def environment(mount) -> dict[str, str]:
-    return dict(os.environ, LD_PRELOAD=str(library_path()), VFIOFS_MOUNT=str(mount.path))
+    return preload_env(mount)
 
 
 def parse(stdout: str) -> dict[str, str]:

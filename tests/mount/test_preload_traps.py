@@ -8,15 +8,13 @@ import json
 import os
 import platform
 import select
-import shutil
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from support import REPO
-from vfiofs.host.preload import library_path
+from support import REPO, build_c, node_by_ids, preload_env
 
 SOURCE = REPO / "tests" / "c" / "traps.c"
 
@@ -25,30 +23,20 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64", reason="register
 
 @pytest.fixture(scope="module")
 def program(tmp_path_factory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("no C compiler")
-    out = tmp_path_factory.mktemp("c") / "traps"
-    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(SOURCE)], check=True)
-    return out
+    return build_c(SOURCE, tmp_path_factory.mktemp("c") / "traps", "-O2")
 
 
-def node(mount, vendor: str, device: str) -> str:
-    """The vfio/devices/vfioN node of the bundled device with these ids, found in the mount's sysfs."""
-    pci = mount.path / "sys/bus/pci/devices"
-    for bdf in sorted(os.listdir(pci)):
-        if [(pci / bdf / name).read_text().strip() for name in ("vendor", "device")] == [vendor, device]:
-            (vfio,) = os.listdir(pci / bdf / "vfio-dev")
-            return f"vfio/devices/{vfio}"
-    raise AssertionError(f"no {vendor}:{device} device")
+def node(mount, vendor: int, device: int) -> str:
+    """The device's node relative to the mount (the C program prefixes VFIOFS_MOUNT)."""
+    return os.path.relpath(node_by_ids(mount, vendor, device), mount.path)
 
 
 def showcase(mount) -> str:
-    return node(mount, "0x1234", "0x5653")
+    return node(mount, 0x1234, 0x5653)
 
 
 def run(program: Path, mount, *args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, LD_PRELOAD=str(library_path()), VFIOFS_MOUNT=str(mount.path))
-    return subprocess.run([str(program), *args], env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run([str(program), *args], env=preload_env(mount), capture_output=True, text=True, timeout=60)
 
 
 def traced(program: Path, mount, device: str, region: str, *args: str):
@@ -104,7 +92,7 @@ def test_every_store_and_load_form_reaches_the_register_page(program, mount):
 
 def test_ioat_driven_through_the_mapping(program, mount):
     """Two memcpys kicked by identical CHAINADDR and DMACOUNT stores, polled through CHANSTS."""
-    ioat = node(mount, "0x8086", "0x2021")
+    ioat = node(mount, 0x8086, 0x2021)
     done, writes = traced(program, mount, ioat, "BAR0", "ioat", ioat)
     r = results(done)
     kick = [(0x80, 2, "0x1"), (0x90, 8, "0x100000"), (0x86, 2, "0x1")]  # INT_REARM, CHAINADDR, DMACOUNT

@@ -17,7 +17,7 @@ import pytest
 
 from namespaces import (expose_python, needs_root, open_dev_fuse, run_as, run_isolated, scratch, temporary_user,
                         user_env, user_home, vfiofs_command)
-from support import REPO
+from support import REPO, build_c
 from vfiofs.host.mounting import is_mounted
 
 VFIOFS = vfiofs_command()
@@ -38,15 +38,12 @@ REALPATHS = ["realpath", "realpath-malloc", "__realpath_chk", "canonicalize_file
 @pytest.fixture(scope="module")
 def programs(tmp_path_factory) -> dict[str, Path]:
     """paths.c built plainly and as a distribution builds (fortified, 64-bit file offsets)."""
-    assert shutil.which("gcc"), "the C tests need gcc (build-essential)"
     where = tmp_path_factory.mktemp("c")
     builds = {"plain": ["-O2"],
               "fortified": ["-O2", "-D_FORTIFY_SOURCE=2", "-D_FILE_OFFSET_BITS=64", "-DPLAIN_CALLS=0"]}
     out = {}
     for name, flags in builds.items():
-        out[name] = where / f"paths-{name}"
-        subprocess.run(["gcc", "-Wall", "-Wextra", "-Werror", *flags, str(SOURCE), "-o", str(out[name]), "-pthread"],
-                       check=True, capture_output=True, text=True)
+        out[name] = build_c(SOURCE, where / f"paths-{name}", *flags)
         out[name].chmod(0o755)
     return out
 

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO
+from support import REPO, build_c
 
 SOURCE = REPO / "tests" / "c" / "host_paths.c"
 
 
 @pytest.fixture(scope="module")
 def program(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("c") / "host_paths"
-    subprocess.run(["gcc", "-O1", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(SOURCE)], check=True)
-    return out
+    return build_c(SOURCE, tmp_path_factory.mktemp("c") / "host_paths", "-O1")
 
 
 def test_a_host_driver_runs_unmodified_under_vfiofs_run(program):
