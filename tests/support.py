@@ -225,3 +225,39 @@ def preload_env(mount: "Mount") -> dict[str, str]:
     from vfiofs.host.preload import library_path
 
     return dict(os.environ, LD_PRELOAD=str(library_path()), VFIOFS_MOUNT=str(mount.path))
+
+
+@dataclass
+class ModelRig:
+    """A model on a standalone context whose far side is connected to test doubles: a
+    RecordingSink for its interrupts, a FakeDma for its DMA, a manual clock for its timers."""
+
+    model: object
+    irqs: RecordingSink
+    host: FakeDma
+    clock: object
+
+
+def model_rig(cls, spec, irq_type: str, iova: int, size: int) -> ModelRig:
+    from vfiofs.models.api import ModelContext
+    from vfiofs.models.timers import ManualScheduler
+
+    clock = ManualScheduler()
+    model = cls(spec, ModelContext.standalone(spec, clock))
+    rig = ModelRig(model, RecordingSink(irq_type), FakeDma(iova, size), clock)
+    model.context.connect_interrupts(rig.irqs)
+    model.context.connect_dma(rig.host)
+    return rig
+
+
+def try_bind(dev: VfioDevice, iommu: IommuFd) -> bool:
+    """BIND, or False while the device is still busy (EBUSY); any other error fails the test."""
+    import errno as _errno
+
+    try:
+        dev.bind_iommufd(iommu)
+        return True
+    except OSError as exc:
+        if exc.errno != _errno.EBUSY:
+            raise
+        return False

@@ -11,7 +11,7 @@ import select
 
 import pytest
 
-from support import errno_of, node_by_ids, wait_until
+from support import errno_of, node_by_ids, try_bind, wait_until
 from vfiofs import client as vc
 from vfiofs.client import IommuFd, VfioDevice
 
@@ -156,16 +156,8 @@ def test_mount_close_resets_the_device(mount):
             pwrite(dev, 0x20, 0x80)
             pwrite(dev, 0x90, 77, 8)
         with VfioDevice(node) as dev:  # the release of the first handle may arrive a little later
-            assert wait_until(lambda: _try_bind(dev, iommu))
+            assert wait_until(lambda: try_bind(dev, iommu))
             assert [pread(dev, o) for o in (0x04, 0x20, 0x24)] == [0, 0, 0]
             assert pread(dev, 0x90, 8) == 0
 
 
-def _try_bind(dev: VfioDevice, iommu: IommuFd) -> bool:
-    try:
-        dev.bind_iommufd(iommu)
-        return True
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
-        return False

@@ -6,7 +6,6 @@ selftests' ioat driver uses. The model's own tests are in tests/unit/test_ioat_m
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 import select
@@ -15,7 +14,7 @@ import time
 
 import pytest
 
-from support import node_by_ids, wait_until
+from support import node_by_ids, try_bind, wait_until
 from vfiofs import client as vc
 from vfiofs.client import IommuFd, VfioDevice, ioctl
 
@@ -211,16 +210,8 @@ def test_close_resets_the_device(mount):
             dev.bind_iommufd(iommu)
             assert os.pwrite(dev.fd, (0x4000).to_bytes(8, "little"), CHAINADDR) == 8
         with VfioDevice(node) as dev:  # the release of the first handle may arrive a little later
-            assert wait_until(lambda: _try_bind(dev, iommu))
+            assert wait_until(lambda: try_bind(dev, iommu))
             assert int.from_bytes(os.pread(dev.fd, 8, CHAINADDR), "little") == 0
             assert int.from_bytes(os.pread(dev.fd, 8, CHANSTS), "little") == HALTED
 
 
-def _try_bind(dev: VfioDevice, iommu: IommuFd) -> bool:
-    try:
-        dev.bind_iommufd(iommu)
-        return True
-    except OSError as exc:
-        if exc.errno != errno.EBUSY:
-            raise
-        return False

@@ -8,16 +8,13 @@ tests/mount/test_edu.py.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import pytest
 
-from support import FakeDma, RecordingSink
+from support import ModelRig, model_rig
 from vfiofs import abi
-from vfiofs.models.api import ModelContext
 from vfiofs.host.definitions import bundled_directory, load_definition
 from vfiofs.models.edu import EduDevice, factorial32
-from vfiofs.models.timers import ManualScheduler
 
 MSI = abi.VFIO_PCI_MSI_IRQ_INDEX
 ONES4 = 0xFFFF_FFFF
@@ -39,23 +36,8 @@ class FastDmaEdu(EduDevice):
     dma_delay = 0.001
 
 
-@dataclass
-class Rig:
-    """An edu model and the test doubles its context is connected to."""
-
-    model: EduDevice
-    irqs: RecordingSink
-    host: FakeDma
-    clock: ManualScheduler
-
-
-def make(cls=EduDevice, irq_type: str = "none") -> Rig:
-    clock = ManualScheduler()
-    model = cls(SPEC, ModelContext.standalone(SPEC, clock))
-    rig = Rig(model, RecordingSink(irq_type), FakeDma(HOST_IOVA, HOST_SIZE), clock)
-    model.context.connect_interrupts(rig.irqs)
-    model.context.connect_dma(rig.host)
-    return rig
+def make(cls=EduDevice, irq_type: str = "none") -> ModelRig:
+    return model_rig(cls, SPEC, irq_type, HOST_IOVA, HOST_SIZE)
 
 
 @pytest.fixture
@@ -72,21 +54,21 @@ def msi_edu():
     rig.model.shutdown()
 
 
-def rd(rig: Rig, offset: int, size: int = 4) -> int:
+def rd(rig: ModelRig, offset: int, size: int = 4) -> int:
     data = rig.model.bar_read(0, offset, size)
     assert len(data) == size
     return int.from_bytes(data, "little")
 
 
-def wr(rig: Rig, offset: int, value: int, size: int = 4) -> None:
+def wr(rig: ModelRig, offset: int, value: int, size: int = 4) -> None:
     rig.model.bar_write(0, offset, value.to_bytes(size, "little"))
 
 
-def advance(rig: Rig, seconds: float = 0.0) -> int:
+def advance(rig: ModelRig, seconds: float = 0.0) -> int:
     return rig.clock.advance(seconds)
 
 
-def snapshot(rig: Rig) -> tuple:
+def snapshot(rig: ModelRig) -> tuple:
     """Everything the driver can observe through BAR0, and the DMA buffer."""
     return (tuple(rd(rig, offset) for offset in (0x04, 0x08, 0x20, 0x24)),
             tuple(rd(rig, offset, 8) for offset in (0x80, 0x88, 0x90, 0x98)), bytes(rig.model.buffer))
@@ -329,7 +311,7 @@ def test_dma_registers_are_frozen_while_running(edu):
 
 # -- DMA transfers -------------------------------------------------------------------------------------
 
-def start_dma(rig: Rig, src: int, dst: int, count: int, cmd: int) -> None:
+def start_dma(rig: ModelRig, src: int, dst: int, count: int, cmd: int) -> None:
     wr(rig, 0x80, src, 8)
     wr(rig, 0x88, dst, 8)
     wr(rig, 0x90, count, 8)

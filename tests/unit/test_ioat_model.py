@@ -8,16 +8,13 @@ connects the real ones. The mount tests are in tests/mount/test_ioat.py.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 
 import pytest
 
-from support import FakeDma, RecordingSink
+from support import ModelRig, model_rig
 from vfiofs import abi
 from vfiofs.host.definitions import bundled_directory, load_definition
-from vfiofs.models.api import ModelContext
 from vfiofs.models.ioat import IoatDevice
-from vfiofs.models.timers import ManualScheduler
 
 MSIX = abi.VFIO_PCI_MSIX_IRQ_INDEX
 HOST_IOVA = 0x100000  # where the fake IOMMU maps the "host memory"
@@ -35,21 +32,8 @@ INT_EN, COMPL_WRITE, NULL = 0x01, 0x08, 0x20
 SPEC = load_definition(bundled_directory() / "vioat.toml").spec
 
 
-@dataclass
-class Rig:
-    model: IoatDevice
-    irqs: RecordingSink
-    host: FakeDma
-    clock: ManualScheduler
-
-
-def make(cls=IoatDevice, irq_type: str = "msix") -> Rig:
-    clock = ManualScheduler()
-    model = cls(SPEC, ModelContext.standalone(SPEC, clock))
-    rig = Rig(model, RecordingSink(irq_type), FakeDma(HOST_IOVA, HOST_SIZE), clock)
-    model.context.connect_interrupts(rig.irqs)
-    model.context.connect_dma(rig.host)
-    return rig
+def make(cls=IoatDevice, irq_type: str = "msix") -> ModelRig:
+    return model_rig(cls, SPEC, irq_type, HOST_IOVA, HOST_SIZE)
 
 
 @pytest.fixture
@@ -59,22 +43,22 @@ def ioat():
     rig.model.shutdown()
 
 
-def rd(rig: Rig, offset: int, size: int = 4) -> int:
+def rd(rig: ModelRig, offset: int, size: int = 4) -> int:
     data = rig.model.bar_read(0, offset, size)
     assert len(data) == size
     return int.from_bytes(data, "little")
 
 
-def wr(rig: Rig, offset: int, value: int, size: int = 4) -> None:
+def wr(rig: ModelRig, offset: int, value: int, size: int = 4) -> None:
     rig.model.bar_write(0, offset, value.to_bytes(size, "little"))
 
 
-def run(rig: Rig) -> int:
+def run(rig: ModelRig) -> int:
     """Let every due timer run (the daemon's loop, with nothing else to do)."""
     return rig.clock.advance(0)
 
 
-def status(rig: Rig) -> int:
+def status(rig: ModelRig) -> int:
     return rd(rig, CHANSTS, 8) & 7
 
 
@@ -87,14 +71,14 @@ SRC = HOST_IOVA + 0x4000
 DST = HOST_IOVA + 0x8000
 
 
-def kick(rig: Rig, chain: int, count: int, chanctrl: int = REARM | ABORT_EN) -> None:
+def kick(rig: ModelRig, chain: int, count: int, chanctrl: int = REARM | ABORT_EN) -> None:
     """What the selftests' ioat driver does to start: CHAINADDR, CHANCTRL, DMACOUNT."""
     wr(rig, CHAINADDR, chain, 8)
     wr(rig, CHANCTRL, chanctrl, 2)
     wr(rig, DMACOUNT, count, 2)
 
 
-def driver_init(rig: Rig) -> None:
+def driver_init(rig: ModelRig) -> None:
     """The selftest driver's init: clear errors, RESET, wait, INTRCTRL = MSIX_VECTOR_CONTROL."""
     wr(rig, CHANERR, rd(rig, CHANERR))
     wr(rig, CHANCMD, RESET, 1)
