@@ -150,7 +150,7 @@ def test_mappings_stay_valid_across_a_reset(bound, how):
     ram, sparse = bound.mmap(2), bound.mmap(1)
     ram[0:6] = b"before"
     sparse[0x1000:0x1004] = b"ring"
-    sparse[0x800 + 12] = 0  # unmask MSI-X vector 0 through the mapping
+    sparse[0x800 + 12] = 0  # clear MSI-X vector 0's mask bit in the mapped table
     if how == "FLR":
         devctl = 0x6C + 8  # the showcase's PCIe capability: DEVCTL, bit 15 = initiate FLR
         value = int.from_bytes(bound.read(7, devctl, 2), "little")
@@ -158,7 +158,7 @@ def test_mappings_stay_valid_across_a_reset(bound, how):
     else:
         bound.reset()
     assert ram[0:6] == bytes(6) and sparse[0x1000:0x1004] == bytes(4)  # power-on contents, no SIGBUS
-    assert sparse[0x800 + 12] & 1 == 1  # the vector is masked again
+    assert sparse[0x800 + 12] & 1 == 1  # the table's power-on contents: every mask bit set
     ram[0:5] = b"after"  # the same mapping still reaches the device
     assert bound.read(2, 0, 5) == b"after"
     bound.write(2, 0x10, b"device")

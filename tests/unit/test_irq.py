@@ -102,13 +102,25 @@ def test_intx_automask_cycle(device):
     assert trigger.closed and device.irqs.irq_type == "none"
 
 
-def test_msix_pending_bit_until_unmasked(device):
+def test_msix_table_is_the_hosts_as_in_vfio_pci(device):
+    """SET_IRQS alone makes a vector deliver; the table is hidden from region access (reads
+    0xFF, writes dropped) and its mask bits hold nothing back; the PBA stays clear."""
+    device.open_device()
+    device.config.write(4, (0x0002).to_bytes(2, "little"))  # PCI_COMMAND.MEMORY
     triggers = {i: FakeEventfd(i) for i in range(4)}
     set_irqs(device, EVENTFD | TRIGGER, 2, 0, 4, struct.pack("<4i", 0, 1, 2, 3), triggers)
+    device.model.memory[0].write(16 + 12, (1).to_bytes(4, "little"))  # the memory behind: masked
     device.irqs.raise_irq(2, 1)
-    assert triggers[1].count == 0 and device.model.memory[0].read(0x800, 1) == b"\x02"
-    device.write(12 + 16, (0).to_bytes(4, "little"))  # vector 1's control word in the table
     assert triggers[1].count == 1 and device.model.memory[0].read(0x800, 1) == b"\x00"
+    assert device.read(0, 4 * 16) == b"\xff" * 64  # the whole table
+    assert device.write(12, bytes(4)) == 4  # dropped
+    assert device.model.memory[0].read(12, 4) != bytes(4)
+    # an access across the table's end: the table part 0xFF / dropped, the rest reaches the BAR
+    assert device.write(4 * 16 - 2, b"abcd") == 4
+    assert device.model.memory[0].read(4 * 16, 2) == b"cd"
+    assert device.read(4 * 16 - 2, 4) == b"\xff\xffcd"
+    assert device.write(0x800, b"\xff" * 8) == 8  # the PBA is read-only
+    assert device.read(0x800, 8) == bytes(8)
 
 
 def test_replacing_a_vector_releases_the_old_eventfd(device):

@@ -178,7 +178,8 @@ class PciConfigSpace:
                 self._put(data_at + 8, 4, 0)
         elif cap.kind == "msix":
             self._put(at, 2, PCI_CAP_ID_MSIX | nxt << 8)
-            self._put(at + 2, 2, cap.vectors - 1, wmask=0xC000)  # enable, function mask
+            # read-only, as in vfio-pci: ENABLE follows SET_IRQS, the function mask is the host's
+            self._put(at + 2, 2, cap.vectors - 1)
             self._put(at + 4, 4, cap.table_offset | cap.table_bar)
             self._put(at + 8, 4, cap.pba_offset | cap.pba_bar)
         else:

@@ -5,9 +5,12 @@ one interrupt type is active at a time (INTx, MSI or MSI-X); ERR and REQ are sin
 triggers beside it. INTx is level-triggered and automasked: one signal per assertion,
 then masked until the driver unmasks (SET_IRQS UNMASK, or clearing INTx-disable in
 config space), and signalled again on unmask while the line is still asserted. MSI and
-MSI-X are edge messages per vector; MSI-X honours the function mask and the per-vector
-mask bits in the table, recording masked messages in the PBA and sending them when
-unmasked. A signal is an eventfd increment, so nothing is lost when the driver is slow.
+MSI-X are edge messages per vector. MSI honours its per-vector mask bits (recording a masked
+message in the pending bits). MSI-X, as in vfio-pci, belongs to the host: SET_IRQS alone
+makes a vector deliver, and neither the table's mask bits nor the function mask (which the
+user cannot write) hold a message back; the table itself is hidden from region access
+(:meth:`vfiofs.pci.vfio_pci.VfioPciDevice.read`). A signal is an eventfd increment, so
+nothing is lost when the driver is slow.
 
 GET_IRQ_INFO and SET_IRQS are handlers for the driver's ioctl table
 (:class:`vfiofs.core.ioctl.IoctlTable`): the table's vfio prologue has already copied the
@@ -33,9 +36,7 @@ NONE, INTX, MSI, MSIX = "none", "intx", "msi", "msix"
 PCI_COMMAND_INTX_DISABLE = 0x400
 PCI_STATUS_INTERRUPT = 0x08
 PCI_MSI_FLAGS_ENABLE = 0x0001
-PCI_MSIX_FLAGS_MASKALL = 0x4000
 PCI_MSIX_FLAGS_ENABLE = 0x8000
-MSIX_ENTRY_SIZE = 16
 
 _DATA = abi.VFIO_IRQ_SET_DATA_NONE | abi.VFIO_IRQ_SET_DATA_BOOL | abi.VFIO_IRQ_SET_DATA_EVENTFD
 _ACTION = abi.VFIO_IRQ_SET_ACTION_MASK | abi.VFIO_IRQ_SET_ACTION_UNMASK | abi.VFIO_IRQ_SET_ACTION_TRIGGER
@@ -57,20 +58,13 @@ class Config(Protocol):
     def capability_offset(self, kind: str) -> int | None: ...
 
 
-class Memory(Protocol):
-    def read(self, offset: int, size: int) -> bytes: ...
-
-    def write(self, offset: int, data: bytes) -> None: ...
-
-
 class IrqController:
     """The interrupt state of one device while a handle is bound."""
 
-    def __init__(self, spec: DeviceSpec, config: Callable[[], Config], memory: Mapping[int, Memory],
+    def __init__(self, spec: DeviceSpec, config: Callable[[], Config],
                  signal: Callable[[Trigger], None], release: Callable[[Trigger], None]) -> None:
         self.spec = spec
         self._config = config
-        self._memory = memory
         self._signal = signal
         self._release = release
         msi, msix = spec.capability("msi"), spec.capability("msix")
@@ -291,28 +285,6 @@ class IrqController:
         mask_at = at + (16 if self.msi.address64 else 12)
         return bool(int.from_bytes(config.data[mask_at : mask_at + 4], "little") >> vector & 1)
 
-    def _msix_masked(self, vector: int) -> bool:
-        assert self.msix is not None
-        config = self._config()
-        at = config.capability_offset("msix")
-        assert at is not None
-        if int.from_bytes(config.data[at + 2 : at + 4], "little") & PCI_MSIX_FLAGS_MASKALL:
-            return True
-        ctrl = self._memory[self.msix.table_bar].read(self.msix.table_offset + vector * MSIX_ENTRY_SIZE + 12, 4)
-        return bool(int.from_bytes(ctrl, "little") & 1)
-
-    def _pba(self, vector: int, pending: bool | None = None) -> bool:
-        """Read (and optionally set) the PBA bit of ``vector``."""
-        assert self.msix is not None
-        memory = self._memory[self.msix.pba_bar]
-        at = self.msix.pba_offset + vector // 8
-        byte = memory.read(at, 1)[0]
-        was = bool(byte >> (vector % 8) & 1)
-        if pending is not None:
-            byte = (byte | 1 << (vector % 8)) if pending else (byte & ~(1 << (vector % 8)))
-            memory.write(at, bytes([byte & 0xFF]))
-        return was
-
     def raise_irq(self, index: int, vector: int = 0) -> None:
         """The model sends an edge interrupt; it reaches the binder only if that type is enabled."""
         if index == abi.VFIO_PCI_MSI_IRQ_INDEX and self.irq_type == MSI:
@@ -322,11 +294,9 @@ class IrqController:
                 else:
                     self._signal(self.vectors[vector])  # type: ignore[arg-type]
         elif index == abi.VFIO_PCI_MSIX_IRQ_INDEX and self.irq_type == MSIX:
-            if vector < len(self.vectors):
-                if self._msix_masked(vector):
-                    self._pba(vector, True)
-                elif self.vectors[vector] is not None:
-                    self._signal(self.vectors[vector])  # type: ignore[arg-type]
+            # vfio-pci programs the real table itself: an assigned vector always delivers
+            if vector < len(self.vectors) and self.vectors[vector] is not None:
+                self._signal(self.vectors[vector])  # type: ignore[arg-type]
         elif index == abi.VFIO_PCI_ERR_IRQ_INDEX and self.err_trigger is not None:
             self._signal(self.err_trigger)
         elif index == abi.VFIO_PCI_REQ_IRQ_INDEX and self.req_trigger is not None:
@@ -341,14 +311,8 @@ class IrqController:
         config.data[pending_at : pending_at + 4] = value.to_bytes(4, "little")
 
     def deliver_unmasked(self) -> None:
-        """After a mask bit changed: send what became deliverable (PBA / MSI pending bits)."""
-        if self.irq_type == MSIX:
-            for vector, trigger in enumerate(self.vectors):
-                if self._pba(vector) and not self._msix_masked(vector):
-                    self._pba(vector, False)
-                    if trigger is not None:
-                        self._signal(trigger)
-        elif self.irq_type == MSI and self.msi is not None and self.msi.maskable:
+        """After an MSI mask bit changed: send what became deliverable (the pending bits)."""
+        if self.irq_type == MSI and self.msi is not None and self.msi.maskable:
             config = self._config()
             at = config.capability_offset("msi")
             assert at is not None

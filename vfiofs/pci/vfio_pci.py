@@ -105,10 +105,10 @@ class VfioPciDevice:
                       for bar in self.spec.bars}
         self.dma_trace: deque[str] = deque(maxlen=256)  # DMA faults, newest last
         self.trace = None  # the mount's TraceBus, set by the server
-        self.irqs = IrqController(self.spec, lambda: self.config, model.context.memory, self._signal, release)
+        self.irqs = IrqController(self.spec, lambda: self.config, self._signal, release)
         model.context.connect_interrupts(self.irqs)
         msix = self.spec.capability("msix")
-        # BAR index → (table range, PBA range) of the MSI-X structures it holds
+        # BAR index → the MSI-X table and PBA ranges it holds (see _msix_pieces)
         self._msix_ranges: dict[int, list[tuple[int, int, str]]] = {}
         if msix is not None:
             self._msix_ranges.setdefault(msix.table_bar, []).append(
@@ -289,19 +289,10 @@ class VfioPciDevice:
         access = self._bar_access(offset, count)
         if access is not None:
             index, pos, count = access
-            try:
-                data = self.model.bar_read(index, pos, count)
-            except VfioError:
-                raise
-            except Exception:
-                log.exception("device model failed in bar_read")
-                raise VfioError(errno.EIO, "device model failed in bar_read") from None
-            if type(data) is not bytes or len(data) != count:
-                if not isinstance(data, (bytes, bytearray)) or len(data) != count:
-                    log.error("device model returned a wrong-sized read (wanted %d bytes)", count)
-                    raise VfioError(errno.EIO, "device model returned a wrong-sized read")
-                data = bytes(data)
-            return data
+            if index in self._msix_ranges and self._msix_overlap(index, pos, count):
+                return b"".join(b"\xff" * (hi - lo) if what == "table" else self._bar_read(index, lo, hi - lo)
+                                for lo, hi, what in self._msix_pieces(index, pos, count))
+            return self._bar_read(index, pos, count)
         index, pos, count = self._locate(offset, count, write=False)
         if index == abi.VFIO_PCI_CONFIG_REGION_INDEX:
             data = self.config.read(pos, count)  # EFAULT past cfg_size (256, or 4096 for PCIe)
@@ -320,25 +311,56 @@ class VfioPciDevice:
             return self._config_write(pos, data)
         index, pos, count = access
         data = data if count == len(data) else data[:count]
-        msix = self._msix_ranges.get(index)
-        if msix is None:
-            try:
-                self.model.bar_write(index, pos, data)
-            except VfioError:
-                raise
-            except Exception:
-                log.exception("device model failed in bar_write")
-                raise VfioError(errno.EIO, "device model failed in bar_write") from None
+        if index in self._msix_ranges and self._msix_overlap(index, pos, count):
+            for lo, hi, what in self._msix_pieces(index, pos, count):
+                if what is None:  # the MSI-X table and the (read-only) PBA drop the write
+                    call_model("bar_write", self.model.bar_write, index, lo, data[lo - pos : hi - pos])
             return count
-        # The PBA is read-only; a write to the table may unmask a vector with a pending message.
-        pba = [(lo, hi) for lo, hi, what in msix if what == "pba" and lo < pos + count and pos < hi]
-        saved = [(lo, self.model.context.memory[index].read(lo, hi - lo)) for lo, hi in pba]
-        call_model("bar_write", self.model.bar_write, index, pos, data)
-        for lo, contents in saved:
-            self.model.context.memory[index].write(lo, contents)
-        if any(what == "table" and lo < pos + count and pos < hi for lo, hi, what in msix):
-            self.irqs.deliver_unmasked()
+        try:
+            self.model.bar_write(index, pos, data)
+        except VfioError:
+            raise
+        except Exception:
+            log.exception("device model failed in bar_write")
+            raise VfioError(errno.EIO, "device model failed in bar_write") from None
         return count
+
+    def _bar_read(self, index: int, pos: int, count: int) -> bytes:
+        try:
+            data = self.model.bar_read(index, pos, count)
+        except VfioError:
+            raise
+        except Exception:
+            log.exception("device model failed in bar_read")
+            raise VfioError(errno.EIO, "device model failed in bar_read") from None
+        if type(data) is not bytes or len(data) != count:
+            if not isinstance(data, (bytes, bytearray)) or len(data) != count:
+                log.error("device model returned a wrong-sized read (wanted %d bytes)", count)
+                raise VfioError(errno.EIO, "device model returned a wrong-sized read")
+            data = bytes(data)
+        return data
+
+    def _msix_overlap(self, index: int, pos: int, count: int) -> bool:
+        return any(lo < pos + count and pos < hi for lo, hi, _ in self._msix_ranges[index])
+
+    def _msix_pieces(self, index: int, pos: int, count: int) -> list[tuple[int, int, str | None]]:
+        """[pos, pos + count) cut at the MSI-X table and PBA: (lo, hi, "table" | "pba" | None).
+
+        vfio-pci hides the table from region access (vfio_pci_core_do_io_rw's excluded range:
+        reads 0xFF, writes dropped), because the host owns it; the PBA reads what the device
+        holds, and the device ignores writes to it."""
+        end, at, pieces = pos + count, pos, []
+        for lo, hi, what in sorted(self._msix_ranges[index]):
+            lo, hi = max(lo, pos), min(hi, end)
+            if lo >= hi:
+                continue
+            if at < lo:
+                pieces.append((at, lo, None))
+            pieces.append((lo, hi, what))
+            at = hi
+        if at < end:
+            pieces.append((at, end, None))
+        return pieces
 
     def _extended_read(self, offset: int, size: int) -> bytes:
         data = call_model("config_read", self.model.config_read, offset, size)
@@ -365,7 +387,7 @@ class VfioPciDevice:
             self.irqs.unmask_intx()  # vfio-pci treats INTx-disable as mask/unmask
         elif after and not before:
             self.irqs.intx_masked = True
-        self.irqs.deliver_unmasked()  # MSI mask bits or the MSI-X function mask may have cleared
+        self.irqs.deliver_unmasked()  # MSI mask bits may have cleared
         return written
 
     # -- mmap (vfio_pci_core_mmap) --------------------------------------------------------------
