@@ -1,8 +1,12 @@
-"""Builds the interposition library (preload/*.c) with the system compiler.
+"""Builds the C parts with the system compiler: the interposition library and the examples.
 
-`pip install .` (and the editable install quickstart.sh does) compiles it into
+`pip install .` (and the editable install quickstart.sh does) compiles preload/*.c into
 vfiofs/host/libvfiofs_preload.so; `vfiofs run` preloads it. It is a plain shared library
 for LD_PRELOAD, not a Python extension, so it gets a plain name.
+
+The same step compiles each examples/*.c into a program next to its source
+(examples/ioat_driver.c → examples/ioat_driver). The examples are not part of the package;
+a compile error fails the install.
 """
 
 from pathlib import Path
@@ -18,6 +22,13 @@ class BuildPreload(build_ext):
 
     def get_export_symbols(self, ext: Extension) -> list[str]:
         return []  # no PyInit_: it is never imported
+
+    def run(self) -> None:
+        super().run()  # builds the library and sets up self.compiler
+        for source in sorted(Path("examples").glob("*.c")):
+            objects = self.compiler.compile([str(source)], output_dir=self.build_temp,
+                                            extra_postargs=["-O2", "-Wall", "-Wextra"])
+            self.compiler.link_executable(objects, source.stem, output_dir=str(source.parent))
 
 
 setup(
