@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import select
 import socket
 import struct
 from collections import OrderedDict
@@ -126,6 +127,19 @@ class FdChannel:
             found.close()
 
     def _collect(self) -> None:
+        try:
+            self._accept_all()
+        finally:
+            self._drop_orphans()
+
+    def _drop_orphans(self) -> None:
+        """Parcels whose depositing process has exited: only that process knew their id, so no
+        command can name them any more (a client killed between its deposit and its command)."""
+        for parcel, found in list(self._parcels.items()):
+            if found.pidfd is not None and select.select([found.pidfd], [], [], 0)[0]:  # readable: exited
+                self.discard(parcel)
+
+    def _accept_all(self) -> None:
         while True:
             try:
                 conn, _ = self.sock.accept()
