@@ -1,0 +1,330 @@
+"""Shared scenarios for the kill and race stress tests (issue 14: R2, R3, R4) and for
+bench/reliability_kills.py, which runs the same code with the long counts.
+
+Client processes come from a multiprocessing *forkserver*: a clean single-threaded process
+that has imported the client library once, so a new client costs a fork, not an
+interpreter start, and never inherits pytest's threads. Every wait for the daemon's
+asynchronous work (FUSE RELEASE after a close or a death) polls a condition
+(``support.wait_until``); a sleep is used only to pick a random moment to kill at.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import multiprocessing
+import os
+import random
+import select
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+for _path in (HERE, HERE.parent):  # tests/stress (this module) and tests/ (support) for the forkserver and bench
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from support import wait_until  # noqa: E402
+from vfiofs import client as vc  # noqa: E402
+from vfiofs.client import IommuFd, VfioDevice  # noqa: E402
+
+#: VFIOFS_STRESS=long: the issue's full counts; anything else: the fast form of the normal suite.
+LONG = os.environ.get("VFIOFS_STRESS", "") == "long"
+
+PAGE = mmap.PAGESIZE
+EDU = 4  # bundled vfio4: edu (DMA, MSI, INTx, timers)
+RAM = 0  # bundled vfio0: 64 KiB RAM, mappable BAR0
+
+
+# -- what the daemon holds -------------------------------------------------------------------
+
+def daemon_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def daemon_rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def status(mnt: Path) -> dict:
+    """What ``vfiofs ls --json`` prints: the daemon's own status file."""
+    return json.loads((Path(mnt) / ".vfiofs" / "status").read_text())
+
+
+def quiet(mnt: Path, open_handles: int | None = 0) -> bool:
+    """No device has a holder, no interrupts are set up, and exactly ``open_handles`` handles
+    are open (None: any number)."""
+    st = status(mnt)
+    return open_handles in (None, st["open_handles"]) and all(
+        not d["bound_by"] and d["ioas"] is None and d["interrupts"] == "none" for d in st["devices"])
+
+
+def forkserver() -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["kill_support"])
+    return ctx
+
+
+# -- R2: bind races ----------------------------------------------------------------------------
+
+MARK = 0x200  # where each round's winner leaves its mark in BAR0 (the next winner must find zeros)
+
+
+def _racer(index: int, node: str, iommu_path: str, rounds: int, barrier, results) -> None:
+    iommu = IommuFd(iommu_path)
+    barrier.wait()
+    try:
+        for r in range(rounds):
+            dev = VfioDevice(node)
+            barrier.wait()  # A: everybody holds a fresh, blocked handle
+            t0 = time.monotonic_ns()
+            try:
+                dev.bind_iommufd(iommu)
+                outcome = 0
+            except OSError as exc:
+                outcome = exc.errno
+            t1 = time.monotonic_ns()
+            found = mark = b""
+            if outcome == 0:
+                found = dev.read(0, MARK, 8)  # what the previous winner's close left
+                mark = struct.pack("<II", r + 1, index + 1)
+                dev.write(0, MARK, mark)
+                mark = dev.read(0, MARK, 8)
+            barrier.wait()  # B: every bind answered; the winner still holds the device
+            if outcome == 0:
+                access = again = 0
+            else:
+                access = _errno(dev.read, 0, MARK, 8)  # a loser stays blocked...
+                again = _errno(dev.bind_iommufd, iommu)  # ...and cannot bind while the winner holds it
+            results.put((index, r, outcome, found, mark, access, again, t0, t1))
+            barrier.wait()  # C: checked; now everybody closes
+            dev.close()
+            barrier.wait()  # D: closed; the parent waits for the daemon to let go
+    finally:
+        iommu.close()
+
+
+def _errno(fn, *args) -> int:
+    try:
+        fn(*args)
+    except OSError as exc:
+        return exc.errno
+    return 0
+
+
+def bind_race(mnt: Path, processes: int = 8, rounds: int = 50, device: int = RAM) -> dict:
+    """``processes`` processes open device ``device`` and BIND it at once, ``rounds`` times.
+
+    Per round: exactly one BIND succeeds; every other gets EINVAL (the kernel's
+    vfio_df_open(): "device is bound through another handle"), stays blocked (a region read
+    is EINVAL) and cannot bind while the winner holds it (EINVAL again); the winner finds
+    the device reset (zeros where the previous winner wrote); after every close the daemon
+    reports no holder. Returns the figures; raises AssertionError on the first deviation.
+    """
+    mnt = Path(mnt)
+    ctx = forkserver()
+    barrier = ctx.Barrier(processes + 1, timeout=30)
+    results = ctx.SimpleQueue()
+    node, iommu = str(mnt / f"vfio/devices/vfio{device}"), str(mnt / "iommu")
+    workers = [ctx.Process(target=_racer, args=(i, node, iommu, rounds, barrier, results), daemon=True)
+               for i in range(processes)]
+    for w in workers:
+        w.start()
+    barrier.wait()  # the workers are up (forkserver start, imports): not part of the figures
+    wins = [0] * processes
+    overlapping = 0
+    outcomes: dict[tuple, int] = {}
+    started = time.monotonic()
+    try:
+        for r in range(rounds):
+            barrier.wait()  # A
+            barrier.wait()  # B
+            barrier.wait()  # C
+            rows = sorted(results.get() for _ in range(processes))
+            barrier.wait()  # D
+            assert {row[1] for row in rows} == {r}, rows
+            codes = tuple(sorted(row[2] for row in rows))
+            outcomes[codes] = outcomes.get(codes, 0) + 1
+            assert codes == (0,) + (errno.EINVAL,) * (processes - 1), f"round {r}: {codes}"
+            (winner,) = [row for row in rows if row[2] == 0]
+            wins[winner[0]] += 1
+            assert winner[3] == bytes(8), f"round {r}: the device was not reset: {winner[3]!r}"
+            assert winner[4] == struct.pack("<II", r + 1, winner[0] + 1), f"round {r}: torn write {winner[4]!r}"
+            for row in rows:
+                if row[2]:
+                    assert (row[5], row[6]) == (errno.EINVAL, errno.EINVAL), f"round {r}: loser {row}"
+            if max(row[7] for row in rows) < min(row[8] for row in rows):
+                overlapping += 1  # every BIND was in flight at one moment
+            # The winner closed: the daemon lets go of the device (RELEASE comes asynchronously).
+            # (The workers are opening their next handles meanwhile: those are blocked, not holders.)
+            assert wait_until(lambda: quiet(mnt, open_handles=None), timeout=10), status(mnt)
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.kill()
+    elapsed = time.monotonic() - started
+    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
+    assert wait_until(lambda: quiet(mnt, open_handles=0), timeout=10), status(mnt)
+    with IommuFd(mnt / "iommu") as iommu, VfioDevice(node) as dev:  # the last winner's close reset it too
+        dev.bind_iommufd(iommu)
+        assert dev.read(0, MARK, 8) == bytes(8)
+    assert wait_until(lambda: quiet(mnt), timeout=10), status(mnt)
+    return {"processes": processes, "rounds": rounds, "outcome": {"0": 1, "EINVAL": processes - 1},
+            "rounds_with_that_outcome": outcomes.get((0,) + (errno.EINVAL,) * (processes - 1), 0),
+            "rounds_all_binds_in_flight_at_once": overlapping, "wins_per_process": wins,
+            "seconds": round(elapsed, 2)}
+
+
+# -- R3: killed clients ------------------------------------------------------------------------
+
+# Stages a client reports (one byte each) as it reaches them; the parent kills it at a random
+# moment after a randomly chosen stage.
+S_START, S_OPENED, S_BINDING, S_BOUND, S_DMA_MAPPED, S_MAPPED, S_IRQS, S_DMA = range(8)
+STAGE_NAMES = ["start", "opened", "mid-bind", "bound", "dma-mapped", "mmapped", "eventfds", "mid-dma"]
+# How long after reaching a stage the kill may come (s): short windows for the quick steps
+# (a FUSE round trip is ~0.1 ms), the edu DMA takes 0.1 s (EduDevice.dma_delay).
+KILL_WINDOW = [0.002, 0.002, 0.001, 0.002, 0.002, 0.002, 0.003, 0.15]
+IOVA = 0x100000
+EDU_BUFFER = 0x40000
+
+
+def _client(mnt: str, report) -> None:
+    """A driver doing everything at once, reporting its progress; it is killed somewhere."""
+    stage = lambda n: report.send_bytes(bytes([n]))  # noqa: E731
+    stage(S_START)
+    iommu = IommuFd(f"{mnt}/iommu")
+    edu = VfioDevice(f"{mnt}/vfio/devices/vfio{EDU}")
+    ram = VfioDevice(f"{mnt}/vfio/devices/vfio{RAM}")
+    stage(S_OPENED)
+    stage(S_BINDING)
+    edu.bind_iommufd(iommu)
+    ram.bind_iommufd(iommu)
+    stage(S_BOUND)
+    ioas = iommu.ioas_alloc()
+    buf = mmap.mmap(-1, 2 * PAGE)
+    buf[0:8] = b"fromram!"
+    iommu.map_buffer(ioas, buf, iova=IOVA)
+    edu.attach_iommufd_pt(ioas)
+    ram.attach_iommufd_pt(ioas)
+    stage(S_DMA_MAPPED)
+    window = ram.mmap(0, PAGE)
+    window[0:8] = b"dirtyram"
+    ram.write(0, 0x100, b"dirty")
+    stage(S_MAPPED)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    edu.enable_irq_eventfds(vc.VFIO_PCI_MSI_IRQ_INDEX, [efd])
+    edu.write(0, 0x04, struct.pack("<I", 0x1234))  # liveness
+    edu.write(0, 0x20, struct.pack("<I", 0x80))  # interrupt when the factorial is done
+    edu.write(0, 0x08, struct.pack("<I", 12))  # and start one
+    stage(S_IRQS)
+    for n in range(1 << 30):  # DMA back and forth until killed, interrupt on completion
+        to_ram = n & 1
+        src, dst = (EDU_BUFFER, IOVA + PAGE) if to_ram else (IOVA, EDU_BUFFER)
+        edu.write(0, 0x80, struct.pack("<Q", src))
+        edu.write(0, 0x88, struct.pack("<Q", dst))
+        edu.write(0, 0x90, struct.pack("<Q", PAGE))
+        edu.write(0, 0x98, struct.pack("<Q", 0x1 | 0x4 | (0x2 if to_ram else 0)))
+        stage(S_DMA)
+        select.select([efd], [], [], 2)
+        try:
+            os.eventfd_read(efd)
+        except BlockingIOError:
+            pass
+        edu.write(0, 0x64, struct.pack("<I", 0xFFFFFFFF))  # acknowledge everything
+
+
+def check_reset(mnt: Path) -> None:
+    """Both devices as after power-on: what the killed client wrote is gone."""
+    mnt = Path(mnt)
+    with IommuFd(mnt / "iommu") as iommu, VfioDevice(mnt / f"vfio/devices/vfio{EDU}") as edu, \
+            VfioDevice(mnt / f"vfio/devices/vfio{RAM}") as ram:
+        edu.bind_iommufd(iommu)
+        ram.bind_iommufd(iommu)
+        regs = {off: int.from_bytes(edu.read(0, off, 4), "little") for off in (0x04, 0x08, 0x20, 0x24)}
+        regs.update({off: int.from_bytes(edu.read(0, off, 8), "little") for off in (0x80, 0x88, 0x90, 0x98)})
+        assert regs == dict.fromkeys(regs, 0), {hex(k): hex(v) for k, v in regs.items() if v}
+        assert ram.read(0, 0, 8) == bytes(8) and ram.read(0, 0x100, 5) == bytes(5)
+
+
+class KillReport:
+    def __init__(self) -> None:
+        self.by_stage = [0] * len(STAGE_NAMES)
+        self.cleanup_ms: list[float] = []
+
+
+def killed_clients(mnt: Path, daemon_pid: int, rounds: int = 30, seed: int = 14, warmup: int = 5,
+                   check_every: int = 1) -> dict:
+    """``rounds`` clients, each SIGKILLed at a random point of :func:`_client`; after every kill
+    the daemon must report no holder and no open handle, and (every ``check_every`` rounds)
+    both devices must be back at power-on. The daemon's fd count must come back to what it was
+    after ``warmup`` rounds, its RSS must not grow by more than :data:`RSS_SLACK_KIB`."""
+    mnt = Path(mnt)
+    ctx = forkserver()
+    rng = random.Random(seed)
+    report = KillReport()
+    baseline_fds = baseline_rss = None
+    started = time.monotonic()
+    for r in range(warmup + rounds):
+        if r == warmup:
+            baseline_fds, baseline_rss = daemon_fds(daemon_pid), daemon_rss_kib(daemon_pid)
+        target = rng.randrange(len(STAGE_NAMES))
+        delay = rng.uniform(0, KILL_WINDOW[target])
+        read_end, write_end = ctx.Pipe(duplex=False)
+        child = ctx.Process(target=_client, args=(str(mnt), write_end), daemon=True)
+        child.start()
+        write_end.close()
+        try:
+            reached = -1
+            while reached < target:
+                if not read_end.poll(20):
+                    raise AssertionError(f"round {r}: the client never reached {STAGE_NAMES[target]}")
+                try:
+                    reached = read_end.recv_bytes()[-1]
+                except EOFError:
+                    child.join(5)
+                    raise AssertionError(f"round {r}: the client died before {STAGE_NAMES[target]}: "
+                                         f"exit {child.exitcode}") from None
+            time.sleep(delay)
+            os.kill(child.pid, signal.SIGKILL)
+            child.join(timeout=20)
+            assert child.exitcode == -signal.SIGKILL, f"round {r}: client exit {child.exitcode}"
+        finally:
+            read_end.close()
+            if child.is_alive():
+                child.kill()
+                child.join()
+        killed_at = time.monotonic()
+        if r >= warmup:
+            report.by_stage[target] += 1
+        assert wait_until(lambda: quiet(mnt), timeout=10), f"round {r} ({STAGE_NAMES[target]}): {status(mnt)}"
+        report.cleanup_ms.append((time.monotonic() - killed_at) * 1000)
+        if r % check_every == 0 or r == warmup + rounds - 1:
+            check_reset(mnt)
+            assert wait_until(lambda: quiet(mnt), timeout=10), status(mnt)
+    elapsed = time.monotonic() - started
+    # Descriptors the daemon closes on RELEASE are closed by the time RELEASE is handled, so
+    # the count is back at once; the poll only covers a scheduling hiccup.
+    fds_back = wait_until(lambda: daemon_fds(daemon_pid) <= baseline_fds, timeout=5)
+    final_fds, final_rss = daemon_fds(daemon_pid), daemon_rss_kib(daemon_pid)
+    cleanup = sorted(report.cleanup_ms[warmup:])
+    return {"rounds": rounds, "kills_by_stage": dict(zip(STAGE_NAMES, report.by_stage)),
+            "daemon_fds": {"baseline": baseline_fds, "after": final_fds, "back": fds_back},
+            "daemon_rss_kib": {"baseline": baseline_rss, "after": final_rss, "growth": final_rss - baseline_rss},
+            "cleanup_ms": {"median": round(cleanup[len(cleanup) // 2], 2), "max": round(cleanup[-1], 2)},
+            "seconds": round(elapsed, 2), "seed": seed}
+
+
+#: How much the daemon's RSS may grow over a kill run. CPython never returns small-object
+#: arenas and the allocator's free lists to the system promptly, and the first rounds after
+#: the warm-up still touch code paths (DMA faults, revocations, timers) for the first time;
+#: a leak of one object graph per killed client (handles, contexts, memfds' bookkeeping)
+#: would be tens of KiB per round, i.e. tens of MiB over 1,000 rounds.
+RSS_SLACK_KIB = 4096
