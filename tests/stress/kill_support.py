@@ -328,3 +328,210 @@ def killed_clients(mnt: Path, daemon_pid: int, rounds: int = 30, seed: int = 14,
 #: a leak of one object graph per killed client (handles, contexts, memfds' bookkeeping)
 #: would be tens of KiB per round, i.e. tens of MiB over 1,000 rounds.
 RSS_SLACK_KIB = 4096
+
+
+# -- R4: killed daemon -------------------------------------------------------------------------
+
+#: A device with a persistent BAR: 64 KiB, mappable, kept in STATE_DIR/nvram.bar0.
+NVRAM = 'name = "nvram"\n\n[[bar]]\nindex = 0\nsize = "64KiB"\nmmap = true\npersist = true\n'
+RECORD = struct.Struct("<Q")
+SLOTS = 64 * 1024 // RECORD.size
+DISCONNECTED = (errno.ENOTCONN, errno.ECONNABORTED)  # the FUSE connection is gone / was aborted mid-request
+
+
+def nvram_definitions(where: Path) -> Path:
+    defs = Path(where) / "defs"
+    defs.mkdir(exist_ok=True)
+    (defs / "nvram.toml").write_text(NVRAM)
+    return defs
+
+
+def _writer(mnt: str, report) -> None:
+    """Writes record n (the value n at slot n), alternately with pwrite and through its
+    mapping, and fsyncs after each: a record is acknowledged once its fsync returned. It
+    reports each acknowledged n, and the errno that stops it (as -errno)."""
+    iommu = IommuFd(f"{mnt}/iommu")
+    dev = VfioDevice(f"{mnt}/vfio/devices/vfio0")
+    dev.bind_iommufd(iommu)
+    start = RECORD.unpack(dev.read(0, 0, RECORD.size))[0]  # slot 0: where the last run got to
+    ram = dev.mmap(0)
+    report.send_bytes(RECORD.pack(start))
+    n = start
+    try:
+        while n + 1 < SLOTS:
+            n += 1
+            if n & 1:
+                dev.write(0, n * RECORD.size, RECORD.pack(n))
+            else:
+                ram[n * RECORD.size:(n + 1) * RECORD.size] = RECORD.pack(n)
+            dev.write(0, 0, RECORD.pack(n))
+            dev.fsync()
+            report.send_bytes(struct.pack("<q", n))
+        report.send_bytes(struct.pack("<q", 0))  # ran out of slots before the kill
+        time.sleep(60)
+    except OSError as exc:
+        report.send_bytes(struct.pack("<q", -exc.errno))
+
+
+def _check_records(mnt: Path, acked: int) -> int:
+    """Every acknowledged record is there after the restart; returns where the device says it got to."""
+    with IommuFd(Path(mnt) / "iommu") as iommu, VfioDevice(Path(mnt) / "vfio/devices/vfio0") as dev:
+        dev.bind_iommufd(iommu)
+        data = dev.read(0, 0, 64 * 1024)
+    values = [RECORD.unpack_from(data, i * RECORD.size)[0] for i in range(SLOTS)]
+    missing = [n for n in range(1, acked + 1) if values[n] != n]
+    assert not missing, f"acknowledged records lost: {missing[:10]} ({len(missing)} in all)"
+    assert values[0] >= acked, f"slot 0 says {values[0]}, {acked} were acknowledged"
+    return values[0]
+
+
+class _Round:
+    """One writer against the daemon, the daemon killed at a random moment."""
+
+    def __init__(self, ctx, mnt: Path) -> None:
+        self.read_end, write_end = ctx.Pipe(duplex=False)
+        self.writer = ctx.Process(target=_writer, args=(str(mnt), write_end), daemon=True)
+        self.writer.start()
+        write_end.close()
+        assert self.read_end.poll(30), "the writer did not start"
+        self.start = RECORD.unpack(self.read_end.recv_bytes())[0]
+
+    def after_kill(self, timeout: float = 5.0) -> tuple[int, int, float]:
+        """The last acknowledged record, the errno the writer got, and how long it took to get it."""
+        killed = time.monotonic()
+        acked, error = self.start, 0
+        while not error:
+            assert self.read_end.poll(max(0.0, killed + timeout - time.monotonic())), \
+                "the writer hangs: no error within the timeout after the daemon died"
+            value = struct.unpack("<q", self.read_end.recv_bytes())[0]
+            if value > 0:
+                acked = value
+            else:
+                error = -value
+        waited = time.monotonic() - killed
+        self.writer.join(10)
+        self.read_end.close()
+        assert error in DISCONNECTED, f"the writer got {errno.errorcode.get(error, error)}"
+        return acked, error, waited
+
+
+def killed_daemon_mount(where: Path, rounds: int = 2, seed: int = 4) -> dict:
+    """``vfiofs mount`` (as tests start it: ``vfiofs mount -f``), SIGKILLed while a client writes
+    persistent records; the next ``vfiofs mount`` on the same mountpoint finds the stale mount,
+    cleans it up and mounts; every acknowledged record is there."""
+    from support import start_mount, stop_mount
+
+    where = Path(where)
+    rng = random.Random(seed)
+    defs, state, mnt = nvram_definitions(where), where / "state", where / "mnt"
+    mnt.mkdir()
+    ctx = forkserver()
+    recover, noticed, errors, acked_total = [], [], {}, 0
+    m = start_mount(mnt, devices=defs, state_dir=state)
+    try:
+        for _ in range(rounds):
+            one = _Round(ctx, mnt)
+            time.sleep(rng.uniform(0.02, 0.2))  # a random moment, not a synchronisation
+            os.kill(m.daemon.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            m.process.wait()
+            acked, error, waited = one.after_kill()
+            noticed.append(waited)
+            errors[errno.errorcode[error]] = errors.get(errno.errorcode[error], 0) + 1
+            try:
+                os.statvfs(mnt)
+                raise AssertionError("the mount still answers after its daemon died")
+            except OSError as dead:
+                assert dead.errno == errno.ENOTCONN, dead
+            m.daemon.close_log()
+            m = start_mount(mnt, devices=defs, state_dir=state)  # returns once the new mount answers
+            recover.append(time.monotonic() - killed)
+            assert "was a stale mount (daemon gone); cleaned it up and mounting again" in m.daemon.output()
+            _check_records(mnt, acked)
+            acked_total += acked - one.start
+    finally:
+        stop_mount(m)
+        m.daemon.close_log()
+    return {"rounds": rounds, "client_errors": errors, "acknowledged_records": acked_total, "lost": 0,
+            "client_error_after_s": _spread(noticed), "kill_to_answering_s": _spread(recover)}
+
+
+def _spread(values: list[float]) -> dict:
+    values = sorted(values)
+    return {"median": round(values[len(values) // 2], 3), "max": round(values[-1], 3)}
+
+
+def killed_daemon_unit(where: Path, gid: int, rounds: int = 2, seed: int = 5) -> dict:
+    """The system unit (systemd/vfiofs.service) emulated as tests/mount/test_systemd.py does: its
+    ExecStartPre= and ExecStart= (sandboxed with setpriv, NOTIFY_SOCKET set), and its
+    Restart=on-failure / RestartSec= by restarting it after the SIGKILL, as systemd would. The
+    time from the kill to READY=1 of the new main process (which sends it only once a stat
+    through the mount was answered) is what the unit's users wait."""
+    mount_tests = HERE.parent / "mount"
+    if str(mount_tests) not in sys.path:
+        sys.path.insert(0, str(mount_tests))
+    import subprocess
+
+    from test_systemd import SYSTEM_UNIT, NotifySocket, sandbox, service_section, unit_command
+
+    service = service_section(SYSTEM_UNIT)
+    assert service["Restart"] == ["on-failure"], "SIGKILL is a failure: the unit must restart on it"
+    restart_sec = float(service["RestartSec"][0].removesuffix("s"))
+    where = Path(where)
+    rng = random.Random(seed)
+    defs, state, mnt = nvram_definitions(where), where / "state", where / "run" / "vfiofs"
+    state.mkdir(mode=0o700)  # StateDirectory=
+    paths = {"/run/vfiofs": str(mnt), "/var/lib/vfiofs": str(state)}
+    variables = {"VFIOFS_GROUP": str(gid), "VFIOFS_DEVICES": str(defs)}  # /etc/vfiofs/vfiofs.env
+    listener = NotifySocket(str(where / "notify"))
+    log_path = where / "unit.log"
+
+    def exec_start() -> subprocess.Popen:
+        subprocess.run(unit_command(SYSTEM_UNIT, "ExecStartPre", paths), capture_output=True)  # "-": may fail
+        command = sandbox(SYSTEM_UNIT) + unit_command(SYSTEM_UNIT, "ExecStart", paths, variables)
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(command, env=dict(os.environ, NOTIFY_SOCKET=listener.address),
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/")
+
+    def ready(process: subprocess.Popen) -> None:
+        message, sender = listener.receive(30)
+        assert message.splitlines()[0] == "READY=1" and sender == process.pid, (message, log_path.read_text())
+
+    ctx = forkserver()
+    recover, noticed, errors, acked_total = [], [], {}, 0
+    process = exec_start()
+    try:
+        ready(process)
+        for _ in range(rounds):
+            one = _Round(ctx, mnt)
+            time.sleep(rng.uniform(0.02, 0.2))  # a random moment, not a synchronisation
+            process.kill()
+            killed = time.monotonic()
+            process.wait()
+            assert process.returncode == -signal.SIGKILL  # a failure for Restart=on-failure
+            acked, error, waited = one.after_kill()
+            noticed.append(waited)
+            errors[errno.errorcode[error]] = errors.get(errno.errorcode[error], 0) + 1
+            # systemd: the main process died -> RestartSec= later, ExecStartPre= and ExecStart= again.
+            time.sleep(max(0.0, killed + restart_sec - time.monotonic()))
+            process = exec_start()
+            ready(process)
+            recover.append(time.monotonic() - killed)
+            os.statvfs(mnt)
+            _check_records(mnt, acked)
+            acked_total += acked - one.start
+        assert log_path.read_text().count("was a stale mount (daemon gone); cleaned it up") == rounds
+        process.send_signal(signal.SIGTERM)  # systemctl stop
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        from vfiofs.host.mounting import is_mounted, lazy_unmount
+
+        if is_mounted(mnt):
+            lazy_unmount(mnt)
+        listener.close()
+    return {"rounds": rounds, "restart_sec": restart_sec, "client_errors": errors,
+            "acknowledged_records": acked_total, "lost": 0, "client_error_after_s": _spread(noticed),
+            "kill_to_ready_s": _spread(recover)}
