@@ -55,3 +55,34 @@ def test_a_parcel_of_a_live_process_stays():
         os.close(efd)
     finally:
         channel.close()
+
+
+def _deposit_two_parcels_on_one_connection(name: bytes, first: bytes, second: bytes) -> None:
+    import socket
+    import struct
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+        sock.connect(b"\0" + name)
+        for parcel in (first, second):
+            sock.send(struct.pack("<8s16sI", fdpass.PARCEL_MAGIC, parcel, 0))
+
+
+def test_parcels_of_one_connection_do_not_share_a_descriptor():
+    """Two parcels from one connection: discarding the first must not close the descriptor the
+    second still holds — else that number, reused by the daemon for something else, would be
+    closed a second time when the second goes (a client could close the daemon's files)."""
+    channel = fdpass.FdChannel()
+    try:
+        first, second = secrets.token_bytes(16), secrets.token_bytes(16)
+        _deposit_two_parcels_on_one_connection(channel.name, first, second)
+        assert channel.sender(first, os.getuid()) is not None
+        channel.discard(first)
+        pidfd = channel.sender(second, os.getuid())
+        assert pidfd is not None
+        os.fstat(pidfd)  # still open
+        bystander = os.eventfd(0)  # the daemon opens something else meanwhile
+        channel.discard(second)
+        os.fstat(bystander)  # and it survives the second parcel's end
+        os.close(bystander)
+    finally:
+        channel.close()
