@@ -340,10 +340,31 @@ DISCONNECTED = (errno.ENOTCONN, errno.ECONNABORTED)  # the FUSE connection is go
 
 
 def nvram_definitions(where: Path) -> Path:
+    """vfio0: the persistent device; vfio1: the bundled UART, whose other end ports/vfio1 a
+    client can wait on with poll() (a wait the daemon is part of)."""
     defs = Path(where) / "defs"
     defs.mkdir(exist_ok=True)
     (defs / "nvram.toml").write_text(NVRAM)
+    (defs / "uart.toml").write_text((HERE.parent.parent / "devices" / "uart.toml").read_text())
     return defs
+
+
+def _poller(mnt: str, report) -> None:
+    """Waits in poll() on ports/vfio1 for data that never comes; reports what poll returned and
+    the errno of the read after it."""
+    import select as _select
+
+    fd = os.open(f"{mnt}/ports/vfio1", os.O_RDWR)
+    waiter = _select.poll()
+    waiter.register(fd, _select.POLLIN)
+    report.send_bytes(b"polling")
+    events = waiter.poll()
+    try:
+        os.read(fd, 16)
+        error = 0
+    except OSError as exc:
+        error = exc.errno
+    report.send_bytes(struct.pack("<ii", events[0][1] if events else 0, error))
 
 
 def _writer(mnt: str, report) -> None:
@@ -389,12 +410,17 @@ class _Round:
     """One writer against the daemon, the daemon killed at a random moment."""
 
     def __init__(self, ctx, mnt: Path) -> None:
+        self.poll_end, write_end = ctx.Pipe(duplex=False)
+        self.poller = ctx.Process(target=_poller, args=(str(mnt), write_end), daemon=True)
+        self.poller.start()
+        write_end.close()
         self.read_end, write_end = ctx.Pipe(duplex=False)
         self.writer = ctx.Process(target=_writer, args=(str(mnt), write_end), daemon=True)
         self.writer.start()
         write_end.close()
         assert self.read_end.poll(30), "the writer did not start"
         self.start = RECORD.unpack(self.read_end.recv_bytes())[0]
+        assert self.poll_end.poll(30) and self.poll_end.recv_bytes() == b"polling", "the poller did not start"
 
     def after_kill(self, timeout: float = 5.0) -> tuple[int, int, float]:
         """The last acknowledged record, the errno the writer got, and how long it took to get it."""
@@ -408,10 +434,15 @@ class _Round:
                 acked = value
             else:
                 error = -value
-        waited = time.monotonic() - killed
-        self.writer.join(10)
-        self.read_end.close()
         assert error in DISCONNECTED, f"the writer got {errno.errorcode.get(error, error)}"
+        assert self.poll_end.poll(max(0.0, killed + timeout - time.monotonic())), \
+            "the poller hangs: poll() did not return within the timeout after the daemon died"
+        revents, poll_error = struct.unpack("<ii", self.poll_end.recv_bytes())
+        waited = time.monotonic() - killed
+        assert revents & (select.POLLERR | select.POLLHUP) and poll_error in DISCONNECTED, (revents, poll_error)
+        for process, end in ((self.writer, self.read_end), (self.poller, self.poll_end)):
+            process.join(10)
+            end.close()
         return acked, error, waited
 
 

@@ -6,7 +6,9 @@ when its fsync returned (docs/definitions.md: a killed daemon loses only what wa
 since the last fsync). The daemon is SIGKILLed at a random moment. Then:
 
 * the client's next request fails with ENOTCONN or ECONNABORTED (the request in flight
-  when the connection was aborted) within 5 s — an error, not a hang;
+  when the connection was aborted) within 5 s — an error, not a hang; so does a second
+  client that was blocked in poll() on the mount (the UART's other end, ports/vfio1): its
+  poll() returns POLLERR and its read fails;
 * under ``vfiofs mount``: the mountpoint is a stale mount (ENOTCONN); the next
   ``vfiofs mount`` there says so, cleans it up and mounts;
 * under the system unit (systemd/vfiofs.service, run as tests/mount/test_systemd.py
