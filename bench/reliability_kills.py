@@ -51,8 +51,12 @@ def _mounted(fn):
 
 
 def measure_r2(long: bool) -> dict:
-    """8 processes × 1,000 rounds (--long; 30 otherwise) binding one device at once."""
-    return _mounted(lambda m: kill_support.bind_race(m.path, processes=8, rounds=1000 if long else 30))
+    """8 processes × 1,000 rounds (--long; 30 otherwise) binding one device at once; then the
+    same with half of them opening the device's group node instead."""
+    rounds = 1000 if long else 30
+    result = _mounted(lambda m: kill_support.bind_race(m.path, processes=8, rounds=rounds))
+    result["with_group_opens"] = _mounted(lambda m: kill_support.cdev_group_race(m.path, processes=8, rounds=rounds))
+    return result
 
 
 def measure_r3(long: bool) -> dict:
@@ -123,10 +127,13 @@ MEASURES = [("R2 bind races", measure_r2), ("R3 killed clients", measure_r3), ("
 
 def _summary(name: str, result: dict) -> str:
     if name.startswith("R2"):
+        mixed = result["with_group_opens"]
         return (f"{result['processes']} processes x {result['rounds']} rounds: one winner + "
                 f"{result['outcome']['EINVAL']} x EINVAL in {result['rounds_with_that_outcome']}/{result['rounds']} "
                 f"rounds ({result['rounds_all_binds_in_flight_at_once']} with every BIND in flight at once), "
-                f"wins {result['wins_per_process']}, {result['seconds']} s")
+                f"wins {result['wins_per_process']}, {result['seconds']} s; with 4 group opens racing 4 BINDs: "
+                f"one winner in {mixed['won_by_bind'] + mixed['won_by_group_open']}/{mixed['rounds']} rounds "
+                f"(BIND {mixed['won_by_bind']}, group open {mixed['won_by_group_open']}), {mixed['seconds']} s")
     if name.startswith("R3"):
         fds, rss = result["daemon_fds"], result["daemon_rss_kib"]
         return (f"{result['rounds']} kills {result['kills_by_stage']}: all reset, no holder; daemon fds "

@@ -30,7 +30,7 @@ for _path in (HERE, HERE.parent):  # tests/stress (this module) and tests/ (supp
 
 from support import wait_until  # noqa: E402
 from vfiofs import client as vc  # noqa: E402
-from vfiofs.client import IommuFd, VfioDevice  # noqa: E402
+from vfiofs.client import IommuFd, VfioDevice, VfioGroup  # noqa: E402
 
 #: VFIOFS_STRESS=long: the issue's full counts; anything else: the fast form of the normal suite.
 LONG = os.environ.get("VFIOFS_STRESS", "") == "long"
@@ -181,6 +181,101 @@ def bind_race(mnt: Path, processes: int = 8, rounds: int = 50, device: int = RAM
             "rounds_with_that_outcome": outcomes.get((0,) + (errno.EINVAL,) * (processes - 1), 0),
             "rounds_all_binds_in_flight_at_once": overlapping, "wins_per_process": wins,
             "seconds": round(elapsed, 2)}
+
+
+def _raw_bind(dev: VfioDevice, token: bytes) -> None:
+    """BIND as one request, the iommufd's token resolved beforehand (the client library asks
+    for it in the same call, one more round trip than a group open needs)."""
+    from vfiofs.abi import protocol
+
+    bind = vc.vfio_device_bind_iommufd(argsz=24, iommufd=3)
+    request = protocol.Request(protocol.OP_IOCTL, vc.VFIO_DEVICE_BIND_IOMMUFD, protocol.ARG_BUFFER,
+                               payload=bytes(bind), fds={3: protocol.FdRef(protocol.FD_HANDLE, token)})
+    vc._transact(dev.fileno(), request, 64)
+
+
+def _mixed_racer(index: int, role: str, mnt: str, device: int, rounds: int, barrier, results) -> None:
+    """One process of :func:`cdev_group_race`: each round it either opens the device's group
+    node (legacy path) or BINDs its open handle of the device (cdev path), at once with the others."""
+    iommu = IommuFd(f"{mnt}/iommu") if role == "bind" else None
+    token = vc.handle_token(iommu.fileno()) if iommu is not None else b""
+    barrier.wait()
+    try:
+        for r in range(rounds):
+            barrier.wait()  # E: the parent saw the previous round's releases
+            held = VfioDevice(f"{mnt}/vfio/devices/vfio{device}") if role == "bind" else None
+            barrier.wait()  # A
+            try:
+                if role == "group":
+                    held = VfioGroup(f"{mnt}/vfio/{device}")
+                else:
+                    _raw_bind(held, token)
+                outcome = 0
+            except OSError as exc:
+                outcome = exc.errno
+            barrier.wait()  # B: everybody tried; the winner still holds what it won
+            results.put((index, r, role, outcome))
+            barrier.wait()  # C
+            if held is not None:
+                held.close()
+            barrier.wait()  # D
+    finally:
+        if iommu is not None:
+            iommu.close()
+
+
+def cdev_group_race(mnt: Path, processes: int = 8, rounds: int = 30, device: int = RAM) -> dict:
+    """Half the processes open the device's group node, half BIND a handle of the device they
+    opened beforehand (one request each, so neither side starts ahead), all at once. The
+    kernel makes the two paths exclusive (group.c: vfio_group_fops_open is EBUSY while a
+    device of the group is bound through its cdev; vfio_device_block_group makes BIND EBUSY
+    while the group is open), so every round has exactly one winner, and either
+
+    * a BIND won: every group open is EBUSY, every other BIND EINVAL; or
+    * a group open won: every other group open is EBUSY, and so is every BIND.
+    """
+    mnt = Path(mnt)
+    ctx = forkserver()
+    barrier = ctx.Barrier(processes + 1, timeout=30)
+    results = ctx.SimpleQueue()
+    roles = ["group" if i % 2 else "bind" for i in range(processes)]
+    binders = roles.count("bind")
+    workers = [ctx.Process(target=_mixed_racer, args=(i, roles[i], str(mnt), device, rounds, barrier, results),
+                           daemon=True) for i in range(processes)]
+    for w in workers:
+        w.start()
+    barrier.wait()
+    won = {"bind": 0, "group": 0}
+    started = time.monotonic()
+    try:
+        for r in range(rounds):
+            barrier.wait()  # E
+            barrier.wait()  # A
+            barrier.wait()  # B
+            barrier.wait()  # C
+            rows = [results.get() for _ in range(processes)]
+            barrier.wait()  # D
+            winners = [row for row in rows if row[3] == 0]
+            assert len(winners) == 1, f"round {r}: {rows}"
+            winner = winners[0][2]
+            won[winner] += 1
+            expected = {"bind": errno.EINVAL, "group": errno.EBUSY} if winner == "bind" else \
+                {"bind": errno.EBUSY, "group": errno.EBUSY}
+            for _, _, role, outcome in rows:
+                assert outcome in (0, expected[role]), f"round {r}: {winner} won, {role} got {outcome}: {rows}"
+            # Everything but the binders' iommufds is closed once the daemon has handled the
+            # releases (after the last round the workers close those too).
+            left = binders if r < rounds - 1 else None
+            assert wait_until(lambda: quiet(mnt, open_handles=left), timeout=10), (r, status(mnt))
+    finally:
+        for w in workers:
+            w.join(timeout=30)
+            if w.is_alive():
+                w.kill()
+    assert all(w.exitcode == 0 for w in workers), [w.exitcode for w in workers]
+    assert wait_until(lambda: quiet(mnt), timeout=10), status(mnt)
+    return {"processes": processes, "rounds": rounds, "won_by_bind": won["bind"],
+            "won_by_group_open": won["group"], "seconds": round(time.monotonic() - started, 2)}
 
 
 # -- R3: killed clients ------------------------------------------------------------------------
