@@ -30,7 +30,7 @@ for _path in (HERE, HERE.parent):  # tests/stress (this module) and tests/ (supp
 
 from support import wait_until  # noqa: E402
 from vfiofs import client as vc  # noqa: E402
-from vfiofs.client import IommuFd, VfioDevice, VfioGroup  # noqa: E402
+from vfiofs.client import IommuFd, VfioContainer, VfioDevice, VfioGroup  # noqa: E402
 
 #: VFIOFS_STRESS=long: the issue's full counts; anything else: the fast form of the normal suite.
 LONG = os.environ.get("VFIOFS_STRESS", "") == "long"
@@ -287,6 +287,11 @@ STAGE_NAMES = ["start", "opened", "mid-bind", "bound", "dma-mapped", "mmapped", 
 # How long after reaching a stage the kill may come (s): short windows for the quick steps
 # (a FUSE round trip is ~0.1 ms), the edu DMA takes 0.1 s (EduDevice.dma_delay).
 KILL_WINDOW = [0.002, 0.002, 0.001, 0.002, 0.002, 0.002, 0.003, 0.15]
+# The legacy path (container, group, VFIO_GROUP_GET_DEVICE_FD) has stages of its own.
+LEGACY_STAGE_NAMES = ["start", "opened", "container-set", "dma-mapped", "mid-get-device-fd", "granted", "eventfds",
+                      "mid-dma"]
+LEGACY_KILL_WINDOW = [0.002, 0.002, 0.002, 0.002, 0.001, 0.002, 0.003, 0.15]
+EDU_BDF = "0000:00:05.0"
 IOVA = 0x100000
 EDU_BUFFER = 0x40000
 
@@ -320,6 +325,34 @@ def _client(mnt: str, report) -> None:
     edu.write(0, 0x20, struct.pack("<I", 0x80))  # interrupt when the factorial is done
     edu.write(0, 0x08, struct.pack("<I", 12))  # and start one
     stage(S_IRQS)
+    _dma_forever(edu, efd, lambda: stage(S_DMA))
+
+
+def _legacy_client(mnt: str, report) -> None:
+    """The same driver on the legacy path: container, group, type1 DMA map, GET_DEVICE_FD."""
+    stage = lambda n: report.send_bytes(bytes([n]))  # noqa: E731
+    stage(0)
+    container = VfioContainer(f"{mnt}/vfio/vfio")
+    group = VfioGroup(f"{mnt}/vfio/{EDU}")  # the edu device is alone in group 4
+    stage(1)
+    group.set_container(container)
+    container.set_iommu()
+    stage(2)
+    buf = mmap.mmap(-1, 2 * PAGE)
+    buf[0:8] = b"fromram!"
+    container.map_buffer(buf, iova=IOVA)
+    stage(3)
+    stage(4)
+    edu = group.get_device(EDU_BDF)  # GET_DEVICE_FD, then the new handle's CLAIM
+    stage(5)
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    edu.enable_irq_eventfds(vc.VFIO_PCI_MSI_IRQ_INDEX, [efd])
+    edu.write(0, 0x04, struct.pack("<I", 0x1234))
+    stage(6)
+    _dma_forever(edu, efd, lambda: stage(7))
+
+
+def _dma_forever(edu: VfioDevice, efd: int, started) -> None:
     for n in range(1 << 30):  # DMA back and forth until killed, interrupt on completion
         to_ram = n & 1
         src, dst = (EDU_BUFFER, IOVA + PAGE) if to_ram else (IOVA, EDU_BUFFER)
@@ -327,7 +360,7 @@ def _client(mnt: str, report) -> None:
         edu.write(0, 0x88, struct.pack("<Q", dst))
         edu.write(0, 0x90, struct.pack("<Q", PAGE))
         edu.write(0, 0x98, struct.pack("<Q", 0x1 | 0x4 | (0x2 if to_ram else 0)))
-        stage(S_DMA)
+        started()
         select.select([efd], [], [], 2)
         try:
             os.eventfd_read(efd)
@@ -351,13 +384,19 @@ def check_reset(mnt: Path) -> None:
 
 class KillReport:
     def __init__(self) -> None:
-        self.by_stage = [0] * len(STAGE_NAMES)
+        self.by_stage: dict[str, int] = {f"cdev:{name}": 0 for name in STAGE_NAMES}
+        self.by_stage.update({f"legacy:{name}": 0 for name in LEGACY_STAGE_NAMES})
         self.cleanup_ms: list[float] = []
 
 
+CLIENTS = {"cdev": (_client, STAGE_NAMES, KILL_WINDOW), "legacy": (_legacy_client, LEGACY_STAGE_NAMES,
+                                                                   LEGACY_KILL_WINDOW)}
+
+
 def killed_clients(mnt: Path, daemon_pid: int, rounds: int = 30, seed: int = 14, warmup: int = 5,
-                   check_every: int = 1) -> dict:
-    """``rounds`` clients, each SIGKILLed at a random point of :func:`_client`; after every kill
+                   check_every: int = 1, legacy_share: float = 0.25) -> dict:
+    """``rounds`` clients, each SIGKILLed at a random point of :func:`_client` (or, for
+    ``legacy_share`` of them, of :func:`_legacy_client`); after every kill
     the daemon must report no holder and no open handle, and (every ``check_every`` rounds)
     both devices must be back at power-on. The daemon's fd count must come back to what it was
     after ``warmup`` rounds, its RSS must not grow by more than :data:`RSS_SLACK_KIB`."""
@@ -370,22 +409,24 @@ def killed_clients(mnt: Path, daemon_pid: int, rounds: int = 30, seed: int = 14,
     for r in range(warmup + rounds):
         if r == warmup:
             baseline_fds, baseline_rss = daemon_fds(daemon_pid), daemon_rss_kib(daemon_pid)
-        target = rng.randrange(len(STAGE_NAMES))
-        delay = rng.uniform(0, KILL_WINDOW[target])
+        kind = "legacy" if rng.random() < legacy_share else "cdev"
+        client, names, windows = CLIENTS[kind]
+        target = rng.randrange(len(names))
+        delay = rng.uniform(0, windows[target])
         read_end, write_end = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_client, args=(str(mnt), write_end), daemon=True)
+        child = ctx.Process(target=client, args=(str(mnt), write_end), daemon=True)
         child.start()
         write_end.close()
         try:
             reached = -1
             while reached < target:
                 if not read_end.poll(20):
-                    raise AssertionError(f"round {r}: the client never reached {STAGE_NAMES[target]}")
+                    raise AssertionError(f"round {r}: the {kind} client never reached {names[target]}")
                 try:
                     reached = read_end.recv_bytes()[-1]
                 except EOFError:
                     child.join(5)
-                    raise AssertionError(f"round {r}: the client died before {STAGE_NAMES[target]}: "
+                    raise AssertionError(f"round {r}: the {kind} client died before {names[target]}: "
                                          f"exit {child.exitcode}") from None
             time.sleep(delay)
             os.kill(child.pid, signal.SIGKILL)
@@ -398,8 +439,8 @@ def killed_clients(mnt: Path, daemon_pid: int, rounds: int = 30, seed: int = 14,
                 child.join()
         killed_at = time.monotonic()
         if r >= warmup:
-            report.by_stage[target] += 1
-        assert wait_until(lambda: quiet(mnt), timeout=10), f"round {r} ({STAGE_NAMES[target]}): {status(mnt)}"
+            report.by_stage[f"{kind}:{names[target]}"] += 1
+        assert wait_until(lambda: quiet(mnt), timeout=10), f"round {r} ({kind}, {names[target]}): {status(mnt)}"
         report.cleanup_ms.append((time.monotonic() - killed_at) * 1000)
         if r % check_every == 0 or r == warmup + rounds - 1:
             check_reset(mnt)
@@ -410,7 +451,7 @@ def killed_clients(mnt: Path, daemon_pid: int, rounds: int = 30, seed: int = 14,
     fds_back = wait_until(lambda: daemon_fds(daemon_pid) <= baseline_fds, timeout=5)
     final_fds, final_rss = daemon_fds(daemon_pid), daemon_rss_kib(daemon_pid)
     cleanup = sorted(report.cleanup_ms[warmup:])
-    return {"rounds": rounds, "kills_by_stage": dict(zip(STAGE_NAMES, report.by_stage)),
+    return {"rounds": rounds, "kills_by_stage": report.by_stage,
             "daemon_fds": {"baseline": baseline_fds, "after": final_fds, "back": fds_back},
             "daemon_rss_kib": {"baseline": baseline_rss, "after": final_rss, "growth": final_rss - baseline_rss},
             "cleanup_ms": {"median": round(cleanup[len(cleanup) // 2], 2), "max": round(cleanup[-1], 2)},

@@ -4,7 +4,9 @@ Each round a client binds the edu device (DMA, MSI, timers) and a RAM device, ma
 own memory for DMA, maps a BAR, hands over an eventfd and runs DMA back and forth with a
 completion interrupt; it reports each stage as it gets there, and is SIGKILLed at a random
 moment after a randomly chosen stage (before anything, after the opens, mid-bind, bound,
-with DMA mappings, with a BAR mapping, with eventfds, mid-DMA). After every kill:
+with DMA mappings, with a BAR mapping, with eventfds, mid-DMA). A quarter of the clients
+take the legacy path instead (container, group, type1 DMA map, VFIO_GROUP_GET_DEVICE_FD
+and its CLAIM — killed mid-way too — eventfds, DMA). After every kill:
 
 * the daemon reports no holder, no IOAS and no interrupts for any device, and no open
   handle (``vfiofs ls --json``: the status file), waited for by polling, not sleeping;
