@@ -249,7 +249,9 @@ class IommuFile(ControlNode):
         return self.ctx.ioctl(request, arg)
 
     def release(self) -> None:
-        """Nothing to undo: devices bound to the context keep it alive."""
+        """Devices bound to the context (and groups attached to it) keep it alive; the
+        context destroys its objects once they are gone too."""
+        self.ctx.release()
 
 
 # The ioctls the core serves on a device handle (the cdev's own; any other goes to the driver).

@@ -91,6 +91,9 @@ class IommuContext(Protocol):
 
     def detach(self, binding: Any) -> None: ...
 
+    def release(self) -> None:
+        """The iommu file was closed: destroy every object once no device or group holds the context."""
+
     @property
     def vfio_compat(self) -> "IommuContainer":
         """The context as a legacy container (iommufd's VFIO compatibility layer)."""

@@ -9,8 +9,10 @@ belongs to the uid that opened the handle before it sends anything.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import secrets
+import select
 import socket
 import struct
 from collections import OrderedDict
@@ -71,10 +73,11 @@ SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+
 
 
 class Parcel:
-    """What one client connection deposited: its uid, its pidfd, and descriptors by number."""
+    """What one client connection deposited: its uid, its pidfd (its own copy), and descriptors
+    by number. ``source`` numbers the connection it came from."""
 
-    def __init__(self, uid: int, pidfd: int | None) -> None:
-        self.uid, self.pidfd = uid, pidfd
+    def __init__(self, uid: int, pidfd: int | None, source: int = 0) -> None:
+        self.uid, self.pidfd, self.source = uid, pidfd, source
         self.fds: dict[int, PassedFd] = {}
 
     def close(self) -> None:
@@ -102,6 +105,7 @@ class FdChannel:
         self.sock.bind(b"\0" + self.name)
         self.sock.listen(64)
         self._parcels: OrderedDict[bytes, Parcel] = OrderedDict()
+        self._connections = itertools.count(1)
 
     def _parcel(self, parcel: bytes, uid: int) -> "Parcel | None":
         if parcel not in self._parcels:
@@ -126,6 +130,19 @@ class FdChannel:
             found.close()
 
     def _collect(self) -> None:
+        try:
+            self._accept_all()
+        finally:
+            self._drop_orphans()
+
+    def _drop_orphans(self) -> None:
+        """Parcels whose depositing process has exited: only that process knew their id, so no
+        command can name them any more (a client killed between its deposit and its command)."""
+        for parcel, found in list(self._parcels.items()):
+            if found.pidfd is not None and select.select([found.pidfd], [], [], 0)[0]:  # readable: exited
+                self.discard(parcel)
+
+    def _accept_all(self) -> None:
         while True:
             try:
                 conn, _ = self.sock.accept()
@@ -144,12 +161,12 @@ class FdChannel:
 
     def _receive(self, conn: socket.socket, uid: int, pidfd: int | None) -> None:
         try:
-            self._receive_messages(conn, uid, pidfd)
+            self._receive_messages(conn, uid, pidfd, next(self._connections))
         finally:
-            if pidfd is not None and not any(p.pidfd == pidfd for p in self._parcels.values()):
+            if pidfd is not None:  # each parcel holds its own copy
                 os.close(pidfd)
 
-    def _receive_messages(self, conn: socket.socket, uid: int, pidfd: int | None) -> None:
+    def _receive_messages(self, conn: socket.socket, uid: int, pidfd: int | None, source: int) -> None:
         while True:
             try:
                 message, fds, _flags, _addr = socket.recv_fds(conn, 4096, MAX_FDS_PER_MESSAGE)
@@ -169,8 +186,8 @@ class FdChannel:
                 continue
             found = self._parcels.get(parcel)
             if found is None:
-                found = self._parcels[parcel] = Parcel(uid, pidfd)
-            if found.uid != uid or found.pidfd != pidfd:  # a parcel id is one process's, once
+                found = self._parcels[parcel] = Parcel(uid, None if pidfd is None else os.dup(pidfd), source)
+            if found.uid != uid or found.source != source:  # a parcel id is one connection's, once
                 for p in passed:
                     p.close()
                 continue

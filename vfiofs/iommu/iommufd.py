@@ -186,6 +186,27 @@ class IommufdContext:
         self.vfio_ioas: Ioas | None = None
         #: the context as a legacy container (what VFIO_GROUP_SET_CONTAINER attaches a group to)
         self.vfio_compat = VfioCompat(self)
+        #: the iommu file was closed; bound devices and attached groups still hold the context
+        #: (in the kernel they hold a reference on the file, so iommufd_fops_release waits for them)
+        self.closed = False
+        self.groups = 0  # groups attached through the compat layer
+
+    def release(self) -> None:
+        """The iommu file was closed: once no device and no group holds the context any more,
+        destroy every object, as iommufd_fops_release does — mappings let go of the process
+        memory they hold (its /proc/PID/mem and pidfd)."""
+        self.closed = True
+        self._destroy_if_unused()
+
+    def _destroy_if_unused(self) -> None:
+        if not self.closed or self.groups or any(isinstance(o, DeviceObject) for o in self.objects.values()):
+            return
+        for obj in list(self.objects.values()):
+            if isinstance(obj, Ioas):
+                for mapping in list(obj.mappings):
+                    obj.remove(mapping)
+        self.objects.clear()
+        self.vfio_ioas = None
 
     # -- object table -------------------------------------------------------------------
     def _add(self, obj: IommufdObject) -> IommufdObject:
@@ -365,6 +386,7 @@ class IommufdContext:
     def unbind_device(self, dev: DeviceObject) -> None:
         self.detach(dev)
         self._remove(dev)
+        self._destroy_if_unused()
 
     def attach(self, dev: DeviceObject, pt_id: int) -> int:
         """Attach (or replace) ``dev`` to IOAS/HWPT ``pt_id``; returns the HWPT id."""
@@ -434,9 +456,13 @@ class VfioCompat:
             ioas = self.ctx._add(Ioas())
             assert isinstance(ioas, Ioas)
             self.ctx.vfio_ioas = ioas
+        self.ctx.groups += 1
 
     def detach_group(self, group: object) -> None:
-        """The group lets go of the context; the compat IOAS and its mappings stay."""
+        """The group lets go of the context; the compat IOAS and its mappings stay (until the
+        context itself goes: its file closed and nothing else holds it)."""
+        self.ctx.groups -= 1
+        self.ctx._destroy_if_unused()
 
     def connect_device(self, name: str, on_attach: Callable[[Ioas | None], None]) -> "DeviceObject":
         """vfio_df_iommufd_bind() for a group's device: bind it to the context and attach it
