@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
+import os
 
 from harness import Watchdog, crashes_in_log
 from support import errno_of
 from vfiofs import client as vc
 
+PAGE = 4096
 TRIGGER_EVENTFD = vc.VFIO_IRQ_SET_DATA_EVENTFD | vc.VFIO_IRQ_SET_ACTION_TRIGGER
 
 
@@ -23,6 +27,52 @@ def test_set_irqs_naming_a_file_of_the_mount_as_its_eventfd_does_not_hang_the_da
                         == errno.EINVAL
                 with watchdog.op("GET_INFO after it"):
                     assert dev.get_info().num_regions == 9
+    finally:
+        watchdog.close()
+    assert not crashes_in_log(mount)
+
+
+def _map_file(path: str, prot: int = mmap.PROT_READ) -> int:
+    """A private mapping of the first page of ``path``, never touched here: its address."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        va = libc.mmap(None, PAGE, prot, mmap.MAP_PRIVATE, fd, 0)
+    finally:
+        os.close(fd)
+    assert va not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+    return va
+
+
+def test_memory_backed_by_a_file_of_the_mount_is_refused_for_dma(mount, tmp_path):
+    """R6 finding: IOMMU_IOAS_MAP accepted a private mapping of a file of the mount itself (a sys/
+    attribute); the first DMA faulted that page in from inside the daemon, which sent a FUSE READ
+    to itself and hung. IOVA_RANGES writing its result there hung the same way."""
+    config = next((mount.path / "sys/bus/pci/devices").iterdir()) / "config"
+    ours = _map_file(str(config))
+    other = tmp_path / "elsewhere"
+    other.write_bytes(b"\x01" * PAGE)
+    theirs = _map_file(str(other))  # a file of another filesystem is memory like any other
+    watchdog = Watchdog(mount)
+    try:
+        with vc.IommuFd(mount.iommu) as iommu:
+            ioas = iommu.ioas_alloc()
+            with watchdog.op("IOAS_MAP of a file of the mount"):
+                assert errno_of(iommu.map, ioas, ours, PAGE, 0x100000, writeable=False) == errno.EFAULT
+            with watchdog.op("IOAS_MAP of a file elsewhere"):
+                assert iommu.map(ioas, theirs, PAGE, 0x200000, writeable=False) == 0x200000
+            ranges = vc.iommu_ioas_iova_ranges(size=32, ioas_id=ioas, num_iovas=1, allowed_iovas=ours)
+            with watchdog.op("IOVA_RANGES into a file of the mount"):
+                assert errno_of(vc.ioctl, iommu.fd, vc.IOMMU_IOAS_IOVA_RANGES, ranges) == errno.EFAULT
+        with vc.VfioContainer(mount.node("vfio/vfio")) as container, vc.VfioGroup(mount.node("vfio/0")) as group:
+            group.set_container(container)
+            container.set_iommu(vc.VFIO_TYPE1v2_IOMMU)
+            with watchdog.op("MAP_DMA of a file of the mount"):
+                assert errno_of(container.map_dma, ours, 0x100000, PAGE, write=False) == errno.EFAULT
+        with watchdog.op("a request after them"), vc.IommuFd(mount.iommu) as iommu:
+            assert iommu.ioas_alloc() >= 1
     finally:
         watchdog.close()
     assert not crashes_in_log(mount)

@@ -45,6 +45,31 @@ class Vma:
     end: int
     readable: bool
     writable: bool
+    device: tuple[int, int] = (0, 0)  # (major, minor) of the file behind it; (0, 0) for anonymous memory
+
+
+#: (major, minor) of the daemon's own mount, once it is mounted (:func:`refuse_files_of`). Memory
+#: backed by a file there is never the daemon's to touch: faulting such a page in sends a FUSE
+#: request to the daemon itself, which is busy waiting for that very fault.
+OWN_DEVICES: set[tuple[int, int]] = set()
+
+
+def refuse_files_of(mountpoint: str) -> None:
+    """Note the device number of the mount at ``mountpoint`` from /proc/self/mountinfo (a stat()
+    of it would ask the daemon itself)."""
+    target = os.path.realpath(os.path.dirname(os.path.abspath(mountpoint)))
+    target = os.path.join(target, os.path.basename(os.path.abspath(mountpoint)))
+    try:
+        with open("/proc/self/mountinfo") as info:
+            for line in info:
+                fields = line.split()
+                point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+                    .replace("\\134", "\\")
+                if point == target:
+                    major, minor = fields[2].split(":")
+                    OWN_DEVICES.add((int(major), int(minor)))
+    except OSError:
+        pass
 
 
 class _iovec(ctypes.Structure):
@@ -97,18 +122,20 @@ class ProcessMemory:
             return []
         out = []
         for line in lines:
-            span, perms = line.split()[:2]
+            span, perms, _offset, device = line.split()[:4]
             start, end = (int(x, 16) for x in span.split("-"))
-            out.append(Vma(start, end, perms[0] == "r", perms[1] == "w"))
+            major, minor = (int(x, 16) for x in device.split(":"))
+            out.append(Vma(start, end, perms[0] == "r", perms[1] == "w", (major, minor)))
         return out
 
     def check_range(self, addr: int, length: int, write: bool) -> None:
-        """EFAULT unless [addr, addr+length) is mapped in the process, readable (and writable)."""
+        """EFAULT unless [addr, addr+length) is mapped in the process, readable (and writable),
+        and none of it is a file of this mount (see :data:`OWN_DEVICES`)."""
         cursor, end = addr, addr + length
         for vma in sorted(self.vmas(), key=lambda v: v.start):
             if vma.end <= cursor or vma.start > cursor:
                 continue
-            if not vma.readable or (write and not vma.writable):
+            if not vma.readable or (write and not vma.writable) or vma.device in OWN_DEVICES:
                 break
             cursor = vma.end
             if cursor >= end:
