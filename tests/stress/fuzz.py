@@ -74,6 +74,8 @@ STRUCTS = {
     abi.IOMMU_IOAS_UNMAP: abi.iommu_ioas_unmap, abi.IOMMU_IOAS_MAP_FILE: abi.iommu_ioas_map_file,
 }
 
+NODE_NUMBERS = {"device": sorted(DEVICE_NUMBERS), "container": sorted(CONTAINER_NUMBERS),
+                "group": sorted(GROUP_NUMBERS), "iommu": sorted(IOMMUFD_NUMBERS | CONTAINER_NUMBERS)}
 PAGE = 4096
 LIVENESS_TAG = protocol.MAX_TAG  # the fuzzer never sends to this slot
 I32 = [0, 1, 2, 3, 4, 5, 7, 8, 9, 12, 16, 20, 24, 28, 32, 40, 0xFF, 0x100, 0x1000, 0x7FFFFFFF, 0x80000000,
@@ -241,8 +243,11 @@ class Generator:
     def fd_number(self) -> int:
         return self.rng.choice(self.world.fd_numbers) if self.rng.random() < 0.8 else self.rng.randrange(-4, 64)
 
-    def request_number(self) -> int:
+    def request_number(self, target: "Target | None" = None) -> int:
         r = self.rng.random()
+        known = NODE_NUMBERS.get(target.kind) if target is not None else None
+        if known and r < 0.5:
+            return self.rng.choice(known)
         if r < 0.85:
             return self.rng.choice(ALL_NUMBERS)
         if r < 0.95:
@@ -259,6 +264,10 @@ class Generator:
             return name.encode() + (b"\0" if rng.random() < 0.85 else b"")
         if cls is None:
             return rng.randbytes(rng.choice((0, 1, 4, 8, 16, 24, rng.randrange(200))))
+        if rng.random() < 0.5:
+            valid = self.valid_payload(request, cls)
+            if valid is not None:
+                return valid
         obj = cls()
         for name, ctype, *_ in cls._fields_:
             if rng.random() < 0.5:
@@ -305,6 +314,68 @@ class Generator:
                 raw[0:4] = rng.choice(I32).to_bytes(4, "little")
         return bytes(raw)
 
+    def valid_payload(self, request: int, cls) -> bytes | None:
+        """A request the command should accept, with at most one field changed: what gets past
+        the argument checks into the drivers and the IOMMU."""
+        rng = self.rng
+        w = self.world
+        size = ctypes.sizeof(cls)
+        va = w.buffer_va + PAGE * rng.randrange(4)
+        iova = rng.choice((0x100000, 0x200000, 0x400000, rng.randrange(1 << 20) * PAGE))
+        fields: dict[str, int] = {}
+        data = b""
+        if request == abi.VFIO_DEVICE_SET_IRQS:
+            index = rng.randrange(5)
+            action = rng.choice((abi.VFIO_IRQ_SET_ACTION_TRIGGER, abi.VFIO_IRQ_SET_ACTION_MASK,
+                                 abi.VFIO_IRQ_SET_ACTION_UNMASK))
+            kind = rng.choice((abi.VFIO_IRQ_SET_DATA_NONE, abi.VFIO_IRQ_SET_DATA_BOOL, abi.VFIO_IRQ_SET_DATA_EVENTFD))
+            start, n = rng.randrange(3), rng.choice((0, 1, 1, 2, 8))
+            if kind == abi.VFIO_IRQ_SET_DATA_BOOL:
+                data = bytes(rng.randrange(2) for _ in range(n))
+            elif kind == abi.VFIO_IRQ_SET_DATA_EVENTFD:
+                data = b"".join((-1).to_bytes(4, "little", signed=True) for _ in range(n))
+            fields = {"flags": action | kind, "index": index, "start": start, "count": n}
+        elif request in (abi.VFIO_DEVICE_GET_REGION_INFO, abi.VFIO_DEVICE_GET_IRQ_INFO):
+            fields = {"index": rng.randrange(10)}
+        elif request == abi.VFIO_DEVICE_FEATURE:
+            fields = {"flags": rng.choice((abi.VFIO_DEVICE_FEATURE_PROBE, abi.VFIO_DEVICE_FEATURE_GET,
+                                           abi.VFIO_DEVICE_FEATURE_SET)) | rng.randrange(12)}
+            data = bytes(rng.choice((0, 4, 8, 16)))
+        elif request == abi.VFIO_DEVICE_ATTACH_IOMMUFD_PT:
+            fields = {"pt_id": rng.choice((w.ioas, w.ioas, 1, 2, 99))}
+        elif request == abi.IOMMU_IOAS_MAP:
+            fields = {"flags": rng.choice((6, 7, 4, 5, 2, 3)), "ioas_id": w.ioas, "user_va": va,
+                      "length": PAGE * rng.randrange(1, 3), "iova": iova}
+        elif request == abi.IOMMU_IOAS_UNMAP:
+            fields = {"ioas_id": w.ioas, "iova": rng.choice((0, iova)), "length": rng.choice((PAGE, (1 << 64) - 1))}
+        elif request == abi.IOMMU_IOAS_IOVA_RANGES:
+            fields = {"ioas_id": w.ioas, "num_iovas": rng.randrange(3), "allowed_iovas": va}
+        elif request == abi.IOMMU_DESTROY:
+            fields = {"id": rng.randrange(1, 12)}
+        elif request == abi.VFIO_IOMMU_MAP_DMA:
+            fields = {"flags": rng.choice((1, 2, 3)), "vaddr": va, "iova": iova, "size": PAGE * rng.randrange(1, 3)}
+        elif request == abi.VFIO_IOMMU_UNMAP_DMA:
+            fields = rng.choice(({"iova": iova, "size": PAGE}, {"flags": abi.VFIO_DMA_UNMAP_FLAG_ALL}))
+        elif request == abi.VFIO_DEVICE_BIND_IOMMUFD:
+            fields = {"iommufd": rng.choice((w.iommu.fd, w.iommu.fd, self.fd_number()))}
+        elif request in (abi.VFIO_DEVICE_GET_INFO, abi.IOMMU_IOAS_ALLOC, abi.VFIO_GROUP_GET_STATUS,
+                         abi.VFIO_IOMMU_GET_INFO, abi.VFIO_DEVICE_DETACH_IOMMUFD_PT):
+            fields = {}
+        else:
+            return None
+        obj = cls()
+        for name, value in fields.items():
+            setattr(obj, name, value)
+        if rng.random() < 0.5:  # one field changed
+            name, ctype, *_ = rng.choice(cls._fields_)
+            try:
+                setattr(obj, name, self.u64() if ctypes.sizeof(ctype) == 8 else self.u32())
+            except (TypeError, OverflowError):
+                pass
+        raw = bytearray(bytes(obj) + data)
+        raw[0:4] = len(raw).to_bytes(4, "little")
+        return bytes(raw)
+
     def fd_table(self, request: int) -> dict[int, FdRef]:
         rng = self.rng
         fds: dict[int, FdRef] = {}
@@ -317,15 +388,21 @@ class Generator:
             fds[number] = FdRef(kind, token)
         return fds
 
-    def message(self) -> tuple[bytes, int]:
+    def message(self, target: Target) -> tuple[bytes, int]:
         rng = self.rng
         r = rng.random()
         if r < 0.7:
-            request = self.request_number()
+            request = self.request_number(target)
             kind = rng.choices((protocol.ARG_BUFFER, protocol.ARG_NULL, protocol.ARG_VALUE), (8, 1, 1))[0]
             payload = self.struct_payload(request) if kind == protocol.ARG_BUFFER else b""
+            fds = self.fd_table(request)
+            field = {abi.VFIO_DEVICE_BIND_IOMMUFD: 8, abi.VFIO_GROUP_SET_CONTAINER: 0}.get(request)
+            if field is not None and len(payload) >= field + 4 and rng.random() < 0.6:
+                number = int.from_bytes(payload[field:field + 4], "little", signed=True)
+                if number >= 0:  # name it as the client would: a real handle's token, or a gone one
+                    fds[number] = FdRef(protocol.FD_HANDLE, rng.choice(self.world.tokens))
             req = Request(protocol.OP_IOCTL, request, kind, self.u64() if kind == protocol.ARG_VALUE else 0,
-                          payload, self.fd_table(request))
+                          payload, fds)
         elif r < 0.78:
             req = Request(protocol.OP_GET_TOKEN)
         elif r < 0.84:
@@ -391,7 +468,7 @@ class Generator:
         target = rng.choice(sides) if rng.random() < 0.12 else rng.choice(handles)
         r = rng.random()
         if r < 0.68:
-            data, offset = self.message()
+            data, offset = self.message(target)
             return Case(index, target, "write", offset, data)
         if r < 0.78:
             return Case(index, target, "write", self.region_offset(), rng.randbytes(rng.choice((1, 2, 4, 8, 3, 64))))
@@ -399,11 +476,11 @@ class Generator:
             return Case(index, target, "read", self.region_offset(), size=rng.choice((1, 2, 4, 8, 16, 4096, 70000)))
         if r < 0.9:
             return Case(index, target, "read", self._offset(), size=rng.choice((0, 1, 32, 65536)))
-        request = self.request_number()
+        if target.kind == "side":
+            target = rng.choice(handles)
+        request = self.request_number(target)
         r = rng.random()
         arg = bytearray(self.struct_payload(request)) if r < 0.85 else (None if r < 0.92 else self.u32())
-        if target.kind == "side":
-            target = rng.choice([t for t in self.world.targets if t.kind != "side"])
         return Case(index, target, "client", request=request, arg=arg)
 
 
