@@ -2,7 +2,8 @@
 
 Mappings (IOMMU_IOAS_MAP on the iommu node, VFIO_IOMMU_MAP_DMA on a type1 container) of
 memory the caller does not have: an address valid only in another process, one no process
-has, a page unmapped again, a read-only page mapped writable, a PROT_NONE page. Device DMA
+has, a page unmapped again, a read-only page mapped writable, a PROT_NONE page, and memory
+backed by a file of the mount itself (which the daemon could only fault in by asking itself). Device DMA
 (the bundled edu model's engine) from an unmapped IOVA, into a read-only mapping, and from
 the memory of a process that has exited. Each must be refused (EFAULT for a mapping, a DMA
 fault for the device, and the memory untouched), and each must appear in .vfiofs/trace: the
@@ -176,10 +177,14 @@ def misuse_round(mount, tally: Tally) -> None:
     gone = anonymous(rw)
     libc.munmap(gone, PAGE)
     pid, theirs, go = other_process_page()
+    config = next((mount.path / "sys/bus/pci/devices").iterdir()) / "config"
+    fd = os.open(config, os.O_RDONLY)
+    ours = libc.mmap(None, PAGE, ro, mmap.MAP_PRIVATE, fd, 0)  # never touched: a DMA would fault it in
+    os.close(fd)
     try:
         cases = [("another process's page", theirs, True), ("a page nobody has", PAGE, True),
                  ("a page unmapped again", gone, True), ("a read-only page, writable", readonly, True),
-                 ("a PROT_NONE page", noaccess, False)]
+                 ("a PROT_NONE page", noaccess, False), ("a file of the mount itself", ours, False)]
         with vc.IommuFd(mount.iommu) as iommu:
             ioas = iommu.ioas_alloc()
             for i, (what, va, writable) in enumerate(cases):
@@ -199,6 +204,7 @@ def misuse_round(mount, tally: Tally) -> None:
         os.waitpid(pid, 0)
         libc.munmap(readonly, PAGE)
         libc.munmap(noaccess, PAGE)
+        libc.munmap(ours, PAGE)
     device_dma_round(mount, tally)
 
 
