@@ -138,6 +138,15 @@ class World:
         self.keep: list = []  # objects that must stay open
         self.buffer = mmap.mmap(-1, 4 * PAGE)  # the only memory of this process a fuzzed map may name
         self.buffer_va = ctypes.addressof(ctypes.c_char.from_buffer(self.buffer))
+        # memory backed by a file of the mount itself: the daemon must never fault it in
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_long]
+        config = next((mount.path / "sys/bus/pci/devices").iterdir()) / "config"
+        fd = os.open(config, os.O_RDONLY)
+        self.mount_file_va = libc.mmap(None, PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE, fd, 0)
+        os.close(fd)
         self.targets: list[Target] = []
         self.closed_tokens: list[bytes] = []
         m = mount
@@ -238,6 +247,8 @@ class Generator:
         r = self.rng.random()
         if r < 0.15:
             return self.world.buffer_va + self.rng.choice((0, PAGE, 8, 4 * PAGE))
+        if r < 0.18:
+            return self.world.mount_file_va
         return self.rng.choice(I64) if r < 0.7 else self.rng.randrange(1 << 64)
 
     def fd_number(self) -> int:
@@ -320,7 +331,7 @@ class Generator:
         rng = self.rng
         w = self.world
         size = ctypes.sizeof(cls)
-        va = w.buffer_va + PAGE * rng.randrange(4)
+        va = w.buffer_va + PAGE * rng.randrange(4) if rng.random() < 0.9 else w.mount_file_va
         iova = rng.choice((0x100000, 0x200000, 0x400000, rng.randrange(1 << 20) * PAGE))
         fields: dict[str, int] = {}
         data = b""
