@@ -531,7 +531,7 @@ class Fuzzer:
                     if i % check_every == check_every - 1:
                         self.invariants(case)
                 except Failure as failure:
-                    raise Failure(f"seed {self.seed:#x}, {failure}") from None
+                    raise Failure(f"seed {self.seed:#x}, {failure}{self.shrink(case, str(failure))}") from None
         finally:
             self.stats.slowest = self.watchdog.slowest
             self.stats.crashes = len(crashes_in_log(self.mount))
@@ -539,6 +539,41 @@ class Fuzzer:
                 self.stats.hangs = 1
         self.invariants(None)
         return self.stats
+
+    def shrink(self, case: Case, message: str, budget: int = 400) -> str:
+        """Zero as many bytes of a failing request as it takes to still fail the same way; the
+        smaller request, replayed on the same world, as a reproducer ("" if it cannot be had:
+        a hang, a dead daemon, a case that does not fail again on its own)."""
+        if case.how != "write" or not case.data or self.watchdog.hung:
+            return ""
+        why = message.split(": ", 1)[-1].split(",")[0]
+
+        def fails(data: bytes) -> bool:
+            try:
+                self.run_case(Case(case.index, case.target, case.how, case.offset, data))
+                self.alive(case)
+            except Failure as again:
+                return why in str(again)
+            except Exception:
+                return False
+            return False
+
+        data = bytearray(case.data)
+        if not fails(bytes(data)):
+            return "\n(not reproduced alone)"
+        tries = 0
+        for width in (64, 16, 4, 1):
+            for start in range(0, len(data), width):
+                if tries >= budget:
+                    break
+                chunk = data[start:start + width]
+                if not any(chunk):
+                    continue
+                data[start:start + width] = bytes(len(chunk))
+                tries += 1
+                if not fails(bytes(data)):
+                    data[start:start + width] = chunk
+        return f"\nreproducer: os.pwrite(<{case.target.name}>, bytes.fromhex('{bytes(data).hex()}'), {case.offset:#x})"
 
     def fail(self, case: Case | None, why: str) -> None:
         raise Failure(f"{case.describe() if case else 'after the run'}: {why}")
