@@ -693,6 +693,7 @@ class Fuzzer:
             self._expect(case, err, allowed)
             return self._no_reply(case)
         self._judge_ioctl(case, request, err)
+        self._still_blocked(case, request, err)
         if err:
             if not (request == abi.IOMMU_IOAS_IOVA_RANGES and t.kind == "iommu"):
                 self._no_reply(case)
@@ -730,6 +731,14 @@ class Fuzzer:
             return self._expect(case, err, E.ENOTTY)
         return self._expect(case, err, KERNEL_ERRNOS, success=True)
 
+    def _still_blocked(self, case: Case, request: int, err: int) -> None:
+        """A failed BIND grants nothing: right after it, the handle still refuses a region read."""
+        t = case.target
+        if t.kind == "device" and t.state == "blocked" and request == abi.VFIO_DEVICE_BIND_IOMMUFD and err:
+            _, rerr = self.call(f"read after {case.describe()}", os.pread, t.fd, 4, abi.VFIO_PCI_INDEX_TO_OFFSET(7))
+            if rerr != E.EINVAL:
+                self.fail(case, f"the BIND failed, but the handle is no longer blocked (config read: {rerr})")
+
     def _after_success(self, case: Case, request: int) -> None:
         t = case.target
         if t.kind == "device" and t.state == "blocked" and request == abi.VFIO_DEVICE_BIND_IOMMUFD:
@@ -766,6 +775,7 @@ class Fuzzer:
         if err == E.EINVAL and isinstance(arg, bytearray) and len(arg) + 48 > 65536:
             return self._note(err)  # refused by the client library itself
         self._judge_ioctl(case, case.request, err)
+        self._still_blocked(case, case.request, err)
         if err == 0:
             self._after_success(case, case.request)
 

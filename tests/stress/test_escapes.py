@@ -249,6 +249,39 @@ def _run(mount, tally: Tally, wd: Watchdog) -> None:
         assert canaries_intact(owners[index], filled[index], tally.canary), f"a blocked write reached vfio{index}"
     side_files(tally, wd, mount)
 
+    # a blocked handle shared with a forked child stays what it is when the parent closes its
+    # copy: the child's fd is the same open file description (as with the kernel's struct file)
+    inherited = os.open(mount.device(0), os.O_RDWR)
+    results_r, results_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(results_r)
+            os.read(go_r, 1)  # the parent has closed its copy
+            outcome = []
+            for index in range(abi.VFIO_PCI_NUM_REGIONS):
+                try:
+                    data = os.pread(inherited, 64, abi.VFIO_PCI_INDEX_TO_OFFSET(index))
+                    outcome.append("canary" if tally.canary[:8] in data else "data")
+                except OSError as exc:
+                    outcome.append(errno.errorcode.get(exc.errno, str(exc.errno)))
+            os.write(results_w, ",".join(outcome).encode())
+        finally:
+            os._exit(0)
+    os.close(results_w)
+    os.close(inherited)  # the parent's copy goes first
+    os.write(go_w, b"1")
+    os.waitpid(pid, 0)
+    os.close(go_r)
+    os.close(go_w)
+    outcome = os.read(results_r, 4096).decode().split(",")
+    os.close(results_r)
+    for index, result in enumerate(outcome):
+        tally.attempts += 1
+        if result != "EINVAL":
+            tally.escapes.append(f"a fork-inherited blocked fd, region {index}: {result}, expected EINVAL")
+
     # 2. the owners close: what is left of them must reach nothing
     tokens = {index: vc.handle_token(dev.fd) for index, dev in owners.items()}
     ticket = group_ticket(group, bdf2)  # a GET_DEVICE_FD grant nobody claims
