@@ -57,6 +57,9 @@ def table(figures: list[dict], took: float, fast: bool) -> str:
             rows.append((f"R1   {name}", f"{n:,} ({100 * n / total:.1f} %)"))
     else:
         rows.append(("R1", "no figures (the test did not finish)"))
+    if "R1-channel" in by:
+        rows += [("R1 fd-channel deposits", f"{by['R1-channel']['deposits']:,}"),
+                 ("R1 fd-channel hangs, crashes", f"{by['R1-channel']['hangs']}, {by['R1-channel']['crashes']}")]
     if "R5" in by:
         rows += [("R5 escape attempts", f"{by['R5']['attempts']:,}"), ("R5 escapes", str(by["R5"]["escapes"]))]
     else:
