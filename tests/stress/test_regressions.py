@@ -6,6 +6,7 @@ import ctypes
 import errno
 import mmap
 import os
+import time
 
 from harness import Watchdog, crashes_in_log
 from support import errno_of
@@ -75,4 +76,43 @@ def test_memory_backed_by_a_file_of_the_mount_is_refused_for_dma(mount, tmp_path
             assert iommu.ioas_alloc() >= 1
     finally:
         watchdog.close()
+    assert not crashes_in_log(mount)
+
+
+def test_a_file_of_the_mount_mapped_over_dma_memory_faults_the_dma_instead_of_hanging(mount):
+    """Open finding 2 (then fixed): the mapping was checked when it was made, but the process can
+    mmap(MAP_FIXED) a file of the mount over it afterwards. The next DMA faulted that page in from
+    inside the daemon, which hung waiting for itself. A transfer that would fault a page in now
+    checks what backs it, and refuses the mount's own files (a DMA fault)."""
+    from support import node_by_ids
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    watchdog = Watchdog(mount)
+    try:
+        with vc.IommuFd(mount.iommu) as iommu, vc.VfioDevice(node_by_ids(mount, 0x1234, 0x11E8)) as edu:
+            edu.bind_iommufd(iommu)
+            ioas = iommu.ioas_alloc()
+            edu.attach_iommufd_pt(ioas)
+            va = libc.mmap(None, PAGE, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+            iommu.map(ioas, va, PAGE, 0x100000, writeable=False)
+            config = next((mount.path / "sys/bus/pci/devices").iterdir()) / "config"
+            fd = os.open(config, os.O_RDONLY)
+            assert libc.mmap(va, PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | 0x10, fd, 0) == va  # MAP_FIXED
+            os.close(fd)
+            for offset, value in ((0x80, 0x100000), (0x88, 0x40000), (0x90, 64), (0x98, 1)):  # RAM -> edu
+                with watchdog.op(f"edu register {offset:#x}"):
+                    edu.write(0, offset, value.to_bytes(8, "little"))
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline:
+                with watchdog.op("edu DMA status"):
+                    if not int.from_bytes(edu.read(0, 0x98, 8), "little") & 1:
+                        break
+                time.sleep(0.01)
+            with watchdog.op("GET_INFO after it"):
+                assert edu.get_info().num_regions == 9
+    finally:
+        watchdog.close()
+    assert "is now a file of this mount" in mount.daemon.output()  # the DMA fault, logged
     assert not crashes_in_log(mount)

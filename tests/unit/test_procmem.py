@@ -89,3 +89,30 @@ def test_a_passed_descriptor_that_is_no_eventfd_is_closed_off_the_callers_thread
         os.fstat(number)
     os.close(r)
     os.close(w)
+
+
+def test_a_transfer_that_would_fault_in_a_file_of_the_own_mount_is_refused(own_memory, tmp_path, monkeypatch):
+    """Resident pages are read at once; a page not in memory is read only if no file of the
+    mount backs it (else the daemon would fault it in through itself)."""
+    untouched = mmap.mmap(-1, 2 * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    touched = mmap.mmap(-1, PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    touched[:4] = b"here"
+    assert not own_memory._resident(address(untouched), 2 * PAGE)
+    assert own_memory._resident(address(touched), PAGE)
+    path = tmp_path / "backing"
+    path.write_bytes(b"file" + bytes(PAGE - 4))
+    st = os.stat(path)
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), PAGE, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    va = address(mapped)
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # not in memory, if the kernel agrees
+    os.close(fd)
+    monkeypatch.setattr(procmem, "OWN_DEVICES", {(os.major(st.st_dev), os.minor(st.st_dev))})
+    if not own_memory._resident(va, PAGE):
+        with pytest.raises(OSError) as refused:
+            own_memory.read(va, 4)
+        assert refused.value.errno == errno.EFAULT
+    assert mapped[:4] == b"file"  # now it is resident: nothing to fault in, so nothing to refuse
+    assert own_memory.read(va, 4) == b"file"
+    assert own_memory.read(address(touched), 4) == b"here"

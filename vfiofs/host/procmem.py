@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 from vfiofs.errors import VfioError
 
+PAGE_SIZE = 4096
+_PRESENT_BYTES = bytes(range(0x80, 0x100))  # a pagemap entry's last byte with bit 63 set
+
 
 def pid_of_pidfd(pidfd: int) -> int:
     """The pid a pidfd refers to in this pid namespace (-1: dead or not visible here)."""
@@ -98,6 +101,10 @@ class ProcessMemory:
         self.pid = pid
         self.mem_fd = mem_fd
         self.pidfd = pidfd
+        try:  # which pages are resident (bit 63 of each entry); the same access rights as mem
+            self.pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.pagemap_fd = -1
 
     @classmethod
     def open(cls, pidfd: int) -> "ProcessMemory":
@@ -143,9 +150,34 @@ class ProcessMemory:
         raise VfioError(errno.EFAULT, f"{addr:#x}+{length:#x} is not {'writable' if write else 'readable'} "
                         f"memory of process {self.pid}")
 
+    def _resident(self, addr: int, size: int) -> bool:
+        """Every page of [addr, addr+size) is in memory now, so a transfer faults nothing in."""
+        if self.pagemap_fd < 0:
+            return False
+        first, last = addr // PAGE_SIZE, (addr + size - 1) // PAGE_SIZE
+        try:
+            entries = os.pread(self.pagemap_fd, 8 * (last - first + 1), 8 * first)
+        except OSError:
+            return False
+        # bit 63 of every little-endian entry: the top bit of every 8th byte; none may be clear
+        return len(entries) == 8 * (last - first + 1) and not entries[7::8].translate(None, _PRESENT_BYTES)
+
+    def _never_through_the_mount(self, addr: int, size: int) -> None:
+        """A page the transfer would have to fault in must not be a file of this mount: the daemon
+        would wait for itself. The mapping was checked when it was made, but the process may have
+        mapped such a file over it since. Resident pages need no fault, so only a transfer that
+        touches a page not in memory pays for reading the process's maps."""
+        if not OWN_DEVICES or self._resident(addr, size):
+            return
+        end = addr + size
+        for vma in self.vmas():
+            if vma.start < end and addr < vma.end and vma.device in OWN_DEVICES:
+                raise OSError(errno.EFAULT, "the range is now a file of this mount")
+
     def _transfer(self, call, addr: int, buffer, size: int) -> None:
         if self.pidfd < 0 or not alive(self.pidfd):
             raise OSError(errno.ESRCH, "the process has exited")
+        self._never_through_the_mount(addr, size)
         local = _iovec(ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if size else None, size)
         remote = _iovec(addr, size)
         done = call(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
@@ -168,7 +200,7 @@ class ProcessMemory:
             self._transfer(_libc.process_vm_writev, addr, bytearray(data), len(data))
 
     def close(self) -> None:
-        for attr in ("mem_fd", "pidfd"):
+        for attr in ("mem_fd", "pidfd", "pagemap_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 os.close(fd)
