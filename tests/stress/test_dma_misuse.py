@@ -4,8 +4,9 @@ Mappings (IOMMU_IOAS_MAP on the iommu node, VFIO_IOMMU_MAP_DMA on a type1 contai
 memory the caller does not have: an address valid only in another process, one no process
 has, a page unmapped again, a read-only page mapped writable, a PROT_NONE page, and memory
 backed by a file of the mount itself (which the daemon could only fault in by asking itself). Device DMA
-(the bundled edu model's engine) from an unmapped IOVA, into a read-only mapping, and from
-the memory of a process that has exited. Each must be refused (EFAULT for a mapping, a DMA
+(the bundled edu model's engine) from an unmapped IOVA, into a read-only mapping, from the
+memory of a process that has exited, and from memory the process turned into a file of the
+mount after mapping it. Each must be refused (EFAULT for a mapping, a DMA
 fault for the device, and the memory untouched), and each must appear in .vfiofs/trace: the
 command with its errno, or the device's DMA fault.
 """
@@ -268,5 +269,15 @@ def device_dma_round(mount, tally: Tally) -> None:
 
         tally.dma("edu DMA from the memory of a process that exited",
                   lambda: run(child_iova, EDU_BUFFER, 8, DMA_START), done, nothing_of_the_child)
+        # memory that became a file of the mount after it was mapped (mmap MAP_FIXED over it)
+        va = anonymous(mmap.PROT_READ | mmap.PROT_WRITE)
+        iommu.map(ioas, va, PAGE, 0x500000, writeable=False)
+        config = next((mount.path / "sys/bus/pci/devices").iterdir()) / "config"
+        fd = os.open(config, os.O_RDONLY)
+        assert libc.mmap(va, PAGE, mmap.PROT_READ, mmap.MAP_PRIVATE | 0x10, fd, 0) == va  # MAP_FIXED
+        os.close(fd)
+        tally.dma("edu DMA from memory remapped to a file of the mount",
+                  lambda: run(0x500000, EDU_BUFFER, 64, DMA_START), done, lambda: True)
+        libc.munmap(va, PAGE)
         iommu.unmap(ioas)
         edu.detach_iommufd_pt()
