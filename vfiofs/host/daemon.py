@@ -27,6 +27,7 @@ import trio
 from vfiofs.host.definitions import Definition
 from vfiofs.host import fdpass
 from vfiofs.host.fdpass import FdChannel
+from vfiofs.host import procmem
 from vfiofs.host.procmem import ProcessMemory
 from vfiofs.models.api import DeviceModel, ModelContext
 from vfiofs.host.tasks import TrioScheduler
@@ -185,6 +186,7 @@ def _serve(server: Mailbox, mountpoint: Path, options: Sequence[str], on_ready: 
         raise MountError(f"cannot mount {mountpoint}: {reason} ({hint})")
     for line in libfuse_said():
         log.warning("libfuse: %s", line)
+    procmem.refuse_files_of(str(mountpoint))
     try:
         unanswered = trio.run(_main, on_ready, models, mountpoint)
     finally:

@@ -15,6 +15,7 @@ import secrets
 import select
 import socket
 import struct
+import threading
 from collections import OrderedDict
 
 from vfiofs.errors import VfioError
@@ -65,8 +66,29 @@ class PassedFd:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            fd, self.fd = self.fd, -1
+            if self.is_eventfd:
+                os.close(fd)
+            else:
+                close_untrusted(fd)
+
+
+def close_untrusted(fd: int) -> None:
+    """Close a descriptor a client sent that is not an eventfd, on a thread of its own.
+
+    close() of a file on a FUSE mount waits for that mount's daemon to answer FLUSH, and
+    uninterruptibly. A client may send a file of *this* mount (an fd of a device node, say,
+    named as an eventfd in SET_IRQS): closed on the event loop, the daemon would wait for
+    itself for ever, with every client of the mount behind it. On its own thread the close
+    waits while the loop answers the FLUSH."""
+    threading.Thread(target=_close_quietly, args=(fd,), name="vfiofs-close", daemon=True).start()
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+

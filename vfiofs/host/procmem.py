@@ -23,6 +23,9 @@ from dataclasses import dataclass
 
 from vfiofs.errors import VfioError
 
+PAGE_SIZE = 4096
+_PRESENT_BYTES = bytes(range(0x80, 0x100))  # a pagemap entry's last byte with bit 63 set
+
 
 def pid_of_pidfd(pidfd: int) -> int:
     """The pid a pidfd refers to in this pid namespace (-1: dead or not visible here)."""
@@ -45,6 +48,31 @@ class Vma:
     end: int
     readable: bool
     writable: bool
+    device: tuple[int, int] = (0, 0)  # (major, minor) of the file behind it; (0, 0) for anonymous memory
+
+
+#: (major, minor) of the daemon's own mount, once it is mounted (:func:`refuse_files_of`). Memory
+#: backed by a file there is never the daemon's to touch: faulting such a page in sends a FUSE
+#: request to the daemon itself, which is busy waiting for that very fault.
+OWN_DEVICES: set[tuple[int, int]] = set()
+
+
+def refuse_files_of(mountpoint: str) -> None:
+    """Note the device number of the mount at ``mountpoint`` from /proc/self/mountinfo (a stat()
+    of it would ask the daemon itself)."""
+    target = os.path.realpath(os.path.dirname(os.path.abspath(mountpoint)))
+    target = os.path.join(target, os.path.basename(os.path.abspath(mountpoint)))
+    try:
+        with open("/proc/self/mountinfo") as info:
+            for line in info:
+                fields = line.split()
+                point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
+                    .replace("\\134", "\\")
+                if point == target:
+                    major, minor = fields[2].split(":")
+                    OWN_DEVICES.add((int(major), int(minor)))
+    except OSError:
+        pass
 
 
 class _iovec(ctypes.Structure):
@@ -73,6 +101,10 @@ class ProcessMemory:
         self.pid = pid
         self.mem_fd = mem_fd
         self.pidfd = pidfd
+        try:  # which pages are resident (bit 63 of each entry); the same access rights as mem
+            self.pagemap_fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self.pagemap_fd = -1
 
     @classmethod
     def open(cls, pidfd: int) -> "ProcessMemory":
@@ -97,18 +129,20 @@ class ProcessMemory:
             return []
         out = []
         for line in lines:
-            span, perms = line.split()[:2]
+            span, perms, _offset, device = line.split()[:4]
             start, end = (int(x, 16) for x in span.split("-"))
-            out.append(Vma(start, end, perms[0] == "r", perms[1] == "w"))
+            major, minor = (int(x, 16) for x in device.split(":"))
+            out.append(Vma(start, end, perms[0] == "r", perms[1] == "w", (major, minor)))
         return out
 
     def check_range(self, addr: int, length: int, write: bool) -> None:
-        """EFAULT unless [addr, addr+length) is mapped in the process, readable (and writable)."""
+        """EFAULT unless [addr, addr+length) is mapped in the process, readable (and writable),
+        and none of it is a file of this mount (see :data:`OWN_DEVICES`)."""
         cursor, end = addr, addr + length
         for vma in sorted(self.vmas(), key=lambda v: v.start):
             if vma.end <= cursor or vma.start > cursor:
                 continue
-            if not vma.readable or (write and not vma.writable):
+            if not vma.readable or (write and not vma.writable) or vma.device in OWN_DEVICES:
                 break
             cursor = vma.end
             if cursor >= end:
@@ -116,9 +150,34 @@ class ProcessMemory:
         raise VfioError(errno.EFAULT, f"{addr:#x}+{length:#x} is not {'writable' if write else 'readable'} "
                         f"memory of process {self.pid}")
 
+    def _resident(self, addr: int, size: int) -> bool:
+        """Every page of [addr, addr+size) is in memory now, so a transfer faults nothing in."""
+        if self.pagemap_fd < 0:
+            return False
+        first, last = addr // PAGE_SIZE, (addr + size - 1) // PAGE_SIZE
+        try:
+            entries = os.pread(self.pagemap_fd, 8 * (last - first + 1), 8 * first)
+        except OSError:
+            return False
+        # bit 63 of every little-endian entry: the top bit of every 8th byte; none may be clear
+        return len(entries) == 8 * (last - first + 1) and not entries[7::8].translate(None, _PRESENT_BYTES)
+
+    def _never_through_the_mount(self, addr: int, size: int) -> None:
+        """A page the transfer would have to fault in must not be a file of this mount: the daemon
+        would wait for itself. The mapping was checked when it was made, but the process may have
+        mapped such a file over it since. Resident pages need no fault, so only a transfer that
+        touches a page not in memory pays for reading the process's maps."""
+        if not OWN_DEVICES or self._resident(addr, size):
+            return
+        end = addr + size
+        for vma in self.vmas():
+            if vma.start < end and addr < vma.end and vma.device in OWN_DEVICES:
+                raise OSError(errno.EFAULT, "the range is now a file of this mount")
+
     def _transfer(self, call, addr: int, buffer, size: int) -> None:
         if self.pidfd < 0 or not alive(self.pidfd):
             raise OSError(errno.ESRCH, "the process has exited")
+        self._never_through_the_mount(addr, size)
         local = _iovec(ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if size else None, size)
         remote = _iovec(addr, size)
         done = call(self.pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
@@ -141,7 +200,7 @@ class ProcessMemory:
             self._transfer(_libc.process_vm_writev, addr, bytearray(data), len(data))
 
     def close(self) -> None:
-        for attr in ("mem_fd", "pidfd"):
+        for attr in ("mem_fd", "pidfd", "pagemap_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 os.close(fd)

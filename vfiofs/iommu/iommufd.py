@@ -360,6 +360,7 @@ class IommufdContext:
             memory = self._caller_memory(arg)
             try:
                 data = b"".join(struct.pack("<QQ", start, last) for start, last in ranges)
+                memory.check_range(cmd.allowed_iovas, len(data), write=True)
                 memory.write(cmd.allowed_iovas, data)
             except OSError:
                 raise VfioError(errno.EFAULT, "allowed_iovas is not writable memory of the caller") from None
