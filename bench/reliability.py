@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""vfiofs reliability figures: runs tests/stress in its long form and prints what it measured.
+"""vfiofs reliability figures: runs the stress scenarios in their long form and prints what they measured.
 
     .venv/bin/python bench/reliability.py [--fast] [--seed N] [--json PATH]
 
 R1 generated requests (count, crashes, hangs, slowest answer, errno histogram), R5 escape
 attempts of blocked and closed handles (attempts, escapes), R6 DMA misuse (attempts, refused,
-traced). The tests themselves (tests/stress/, real mounts, real system calls) do the work:
-this script runs them with VFIOFS_STRESS=long (or the CI form with --fast), collects the
-figures they record (VFIOFS_STRESS_REPORT) and prints a table; the exit status is pytest's.
-See docs/reliability.md.
+traced): the tests themselves (tests/stress/, real mounts, real system calls) do the work;
+this script runs them with VFIOFS_STRESS=long (or the CI form with --fast) and collects the
+figures they record (VFIOFS_STRESS_REPORT). Then R2 bind races, R3 killed clients, R4 killed
+daemon and the permission checks, through the same scenarios as their tests
+(bench/reliability_kills.py, tests/stress/kill_support.py). It prints one table; the exit
+status is 1 if anything failed. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+#: the tests that record R1, R5 and R6 figures (R2-R4 are measured by reliability_kills)
+R1_R5_R6 = ["tests/stress/test_fuzz.py", "tests/stress/test_escapes.py", "tests/stress/test_dma_misuse.py",
+            "tests/stress/test_regressions.py"]
 
 
 def run(fast: bool, seed: int | None) -> tuple[int, list[dict], float]:
@@ -35,7 +40,7 @@ def run(fast: bool, seed: int | None) -> tuple[int, list[dict], float]:
         if seed is not None:
             env["VFIOFS_STRESS_SEED"] = str(seed)
         started = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "pytest", "tests/stress", "-q", "-p", "no:cacheprovider"],
+        done = subprocess.run([sys.executable, "-m", "pytest", *R1_R5_R6, "-q", "-p", "no:cacheprovider"],
                               cwd=REPO, env=env)
         took = time.monotonic() - started
         figures = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
@@ -81,12 +86,30 @@ def main() -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     args = parser.parse_args()
     status, figures, took = run(args.fast, args.seed)
+    kills, failed = measure_kills(long=not args.fast)
     print()
     print(table(figures, took, args.fast))
+    for name, line in kills.items():
+        print(f"{name:<30}  {line}")
     if args.json:
         Path(args.json).write_text(json.dumps({"fast": args.fast, "seconds": took, "pytest_status": status,
-                                               "figures": figures}, indent=1) + "\n")
-    return status
+                                               "figures": figures, "kills": kills}, indent=1) + "\n")
+    return 1 if status or failed else 0
+
+
+def measure_kills(long: bool) -> tuple[dict[str, str], bool]:
+    """R2, R3, R4 and permissions: one summary line each (with its wall time)."""
+    import reliability_kills  # bench/, next to this script
+
+    lines, failed = {}, False
+    for name, measure in reliability_kills.MEASURES:
+        started = time.monotonic()
+        try:
+            line = reliability_kills.summary(name, measure(long))
+        except AssertionError as exc:
+            line, failed = f"FAIL {str(exc)[:2000]}", True
+        lines[name] = f"{line}  [{time.monotonic() - started:.0f} s]"
+    return lines, failed
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ daemon) and permissions, measured with the scenarios the stress tests run
 
     .venv/bin/python bench/reliability_kills.py [--long] [--json]
 
+bench/reliability.py runs these after R1, R5 and R6 and prints them in its table.
+
 Prints one table (or, with --json, the figures as JSON). A scenario that fails is reported
 as FAIL with its assertion, and the exit status is 1. R4's systemd unit and the
 permission checks between users need root (they are reported as skipped otherwise).
@@ -125,7 +127,8 @@ MEASURES = [("R2 bind races", measure_r2), ("R3 killed clients", measure_r3), ("
             ("permissions", lambda long: measure_permissions())]
 
 
-def _summary(name: str, result: dict) -> str:
+def summary(name: str, result: dict) -> str:
+    """One line of figures for ``name``'s result."""
     if name.startswith("R2"):
         mixed = result["with_group_opens"]
         return (f"{result['processes']} processes x {result['rounds']} rounds: one winner + "
@@ -170,7 +173,7 @@ def main() -> int:
             ok = False
         if not args.json:
             result = results[name]
-            text = f"FAIL {result['FAIL']}" if "FAIL" in result else _summary(name, result)
+            text = f"FAIL {result['FAIL']}" if "FAIL" in result else summary(name, result)
             print(f"{name:<18} {text}  [{time.monotonic() - started:.1f} s]", flush=True)
     if args.json:
         print(json.dumps(results, indent=1))

@@ -330,7 +330,6 @@ class Generator:
         the argument checks into the drivers and the IOMMU."""
         rng = self.rng
         w = self.world
-        size = ctypes.sizeof(cls)
         va = w.buffer_va + PAGE * rng.randrange(4) if rng.random() < 0.9 else w.mount_file_va
         iova = rng.choice((0x100000, 0x200000, 0x400000, rng.randrange(1 << 20) * PAGE))
         fields: dict[str, int] = {}

@@ -173,7 +173,6 @@ def other_process_page() -> tuple[int, int, int]:
 
 def misuse_round(mount, tally: Tally) -> None:
     rw, ro, none = mmap.PROT_READ | mmap.PROT_WRITE, mmap.PROT_READ, 0  # PROT_NONE
-    R, W = vc.IOMMU_IOAS_MAP_READABLE, vc.IOMMU_IOAS_MAP_WRITEABLE
     readonly, noaccess = anonymous(ro), anonymous(none)
     gone = anonymous(rw)
     libc.munmap(gone, PAGE)
