@@ -81,6 +81,20 @@ def find_mount(path: PathLike, table: PathLike = MOUNTS) -> MountEntry | None:
     return found
 
 
+def mount_device(path: PathLike, table: PathLike = "/proc/self/mountinfo") -> tuple[int, int] | None:
+    """(major, minor) of the top-most mount at ``path``, from mountinfo; None: nothing mounted
+    there. Read from the table because a stat() of a FUSE mount asks its daemon (maybe us)."""
+    key = _table_key(path)
+    found = None
+    with open(table, "rb") as lines:
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 4 and unescape(fields[4]) == key:
+                major, minor = fields[2].split(b":")
+                found = (int(major), int(minor))
+    return found
+
+
 def is_mounted(path: PathLike, table: PathLike = MOUNTS) -> bool:
     """Whether something is mounted at ``path``. Never touches the mount itself."""
     return find_mount(path, table) is not None

@@ -21,9 +21,10 @@ import os
 import select
 from dataclasses import dataclass
 
+from vfiofs.abi import PAGE_SIZE
 from vfiofs.errors import VfioError
+from vfiofs.host.mounting import mount_device
 
-PAGE_SIZE = 4096
 _PRESENT_BYTES = bytes(range(0x80, 0x100))  # a pagemap entry's last byte with bit 63 set
 
 
@@ -37,9 +38,11 @@ def pid_of_pidfd(pidfd: int) -> int:
 
 
 def alive(pidfd: int) -> bool:
-    """A pidfd becomes readable when its process exits."""
-    readable, _, _ = select.select([pidfd], [], [], 0)
-    return not readable
+    """A pidfd becomes readable when its process exits. (poll, not select: the daemon's
+    descriptors go past FD_SETSIZE.)"""
+    readable = select.poll()
+    readable.register(pidfd, select.POLLIN)
+    return not readable.poll(0)
 
 
 @dataclass
@@ -58,21 +61,14 @@ OWN_DEVICES: set[tuple[int, int]] = set()
 
 
 def refuse_files_of(mountpoint: str) -> None:
-    """Note the device number of the mount at ``mountpoint`` from /proc/self/mountinfo (a stat()
+    """Note the device number of the mount at ``mountpoint`` (read from the mount table: a stat()
     of it would ask the daemon itself)."""
-    target = os.path.realpath(os.path.dirname(os.path.abspath(mountpoint)))
-    target = os.path.join(target, os.path.basename(os.path.abspath(mountpoint)))
     try:
-        with open("/proc/self/mountinfo") as info:
-            for line in info:
-                fields = line.split()
-                point = fields[4].replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-                    .replace("\\134", "\\")
-                if point == target:
-                    major, minor = fields[2].split(":")
-                    OWN_DEVICES.add((int(major), int(minor)))
+        device = mount_device(mountpoint)
     except OSError:
-        pass
+        return
+    if device is not None:
+        OWN_DEVICES.add(device)
 
 
 class _iovec(ctypes.Structure):
