@@ -30,7 +30,9 @@ def signal(trigger: Trigger) -> None:
     so the daemon cannot make it non-blocking): a write to a counter at its maximum would block
     the daemon, so a saturated counter is left as it is (it cannot count higher anyway)."""
     try:
-        if not select.select([], [trigger.fd], [], 0)[1]:
+        writable = select.poll()  # poll, not select: the daemon's descriptors go past FD_SETSIZE
+        writable.register(trigger.fd, select.POLLOUT)
+        if not writable.poll(0):
             log.warning("eventfd %d is saturated; interrupt not counted", trigger.fd)
             return
         os.eventfd_write(trigger.fd, 1)

@@ -12,13 +12,13 @@ import errno
 import itertools
 import os
 import secrets
-import select
 import socket
 import struct
 import threading
 from collections import OrderedDict
 
 from vfiofs.errors import VfioError
+from vfiofs.host.procmem import alive
 
 MESSAGE = b"vfiofs-region\0"
 
@@ -161,7 +161,7 @@ class FdChannel:
         """Parcels whose depositing process has exited: only that process knew their id, so no
         command can name them any more (a client killed between its deposit and its command)."""
         for parcel, found in list(self._parcels.items()):
-            if found.pidfd is not None and select.select([found.pidfd], [], [], 0)[0]:  # readable: exited
+            if found.pidfd is not None and not alive(found.pidfd):
                 self.discard(parcel)
 
     def _accept_all(self) -> None:
