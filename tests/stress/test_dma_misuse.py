@@ -18,10 +18,9 @@ import errno
 import json
 import mmap
 import os
-import time
 
 from harness import Watchdog, count, crashes_in_log, record
-from support import node_by_ids
+from support import node_by_ids, wait_until
 from vfiofs import client as vc
 
 PAGE = 4096
@@ -112,13 +111,13 @@ class Tally:
         self.trace.events()
         with self.watchdog.op(what):
             start()
-        events = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:  # the DMA completes on the daemon's timer
-            events += self.trace.events()
-            if faulted() and any(e.get("op") == "dma" and "fault" in e for e in events):
-                break
-            time.sleep(0.01)
+        events: list[dict] = []
+
+        def fault_seen() -> bool:  # the DMA completes on the daemon's timer
+            events.extend(self.trace.events())
+            return faulted() and any(e.get("op") == "dma" and "fault" in e for e in events)
+
+        wait_until(fault_seen, timeout=5)
         events += self.trace.events()
         if faulted() and untouched():
             self.refused += 1
@@ -233,9 +232,7 @@ def device_dma_round(mount, tally: Tally) -> None:
         buf[:] = pattern
         iommu.map_buffer(ioas, buf, iova=0x200000)
         run(0x200000, EDU_BUFFER, PAGE, DMA_START)  # a good read fills the device buffer
-        deadline = time.monotonic() + 5
-        while not done() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(done, timeout=5)
         ro = mmap.mmap(-1, PAGE)
         ro[:] = b"\x33" * PAGE
         iommu.map_buffer(ioas, ro, iova=0x300000, writeable=False)
@@ -261,9 +258,7 @@ def device_dma_round(mount, tally: Tally) -> None:
         def nothing_of_the_child() -> bool:
             """Copy the device buffer back to our own page: it must not hold the child's bytes."""
             run(EDU_BUFFER, 0x200000, 8, DMA_START | DMA_TO_RAM)
-            deadline = time.monotonic() + 5
-            while not done() and time.monotonic() < deadline:
-                time.sleep(0.01)
+            wait_until(done, timeout=5)
             return buf[:8] != b"childmem"
 
         tally.dma("edu DMA from the memory of a process that exited",

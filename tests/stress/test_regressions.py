@@ -6,10 +6,9 @@ import ctypes
 import errno
 import mmap
 import os
-import time
 
 from harness import Watchdog, crashes_in_log
-from support import errno_of
+from support import errno_of, wait_until
 from vfiofs import client as vc
 
 PAGE = 4096
@@ -104,12 +103,11 @@ def test_a_file_of_the_mount_mapped_over_dma_memory_faults_the_dma_instead_of_ha
             for offset, value in ((0x80, 0x100000), (0x88, 0x40000), (0x90, 64), (0x98, 1)):  # RAM -> edu
                 with watchdog.op(f"edu register {offset:#x}"):
                     edu.write(0, offset, value.to_bytes(8, "little"))
-            deadline = time.monotonic() + 4
-            while time.monotonic() < deadline:
+            def dma_done() -> bool:
                 with watchdog.op("edu DMA status"):
-                    if not int.from_bytes(edu.read(0, 0x98, 8), "little") & 1:
-                        break
-                time.sleep(0.01)
+                    return not int.from_bytes(edu.read(0, 0x98, 8), "little") & 1
+
+            wait_until(dma_done, timeout=4)
             with watchdog.op("GET_INFO after it"):
                 assert edu.get_info().num_regions == 9
     finally:
