@@ -32,9 +32,6 @@ from support import wait_until  # noqa: E402
 from vfiofs import client as vc  # noqa: E402
 from vfiofs.client import IommuFd, VfioContainer, VfioDevice, VfioGroup  # noqa: E402
 
-#: VFIOFS_STRESS=long: the issue's full counts; anything else: the fast form of the normal suite.
-LONG = os.environ.get("VFIOFS_STRESS", "") == "long"
-
 PAGE = mmap.PAGESIZE
 EDU = 4  # bundled vfio4: edu (DMA, MSI, INTx, timers)
 RAM = 0  # bundled vfio0: 64 KiB RAM, mappable BAR0

@@ -18,11 +18,12 @@ Fast form here (8 × 30 rounds each); VFIOFS_STRESS=long runs 8 × 1,000
 
 from __future__ import annotations
 
-from kill_support import LONG, bind_race, cdev_group_race
+from harness import count
+from kill_support import bind_race, cdev_group_race
 
 
 def test_eight_processes_bind_one_device_exactly_one_wins_every_round(mount):
-    result = bind_race(mount.path, processes=8, rounds=1000 if LONG else 30)
+    result = bind_race(mount.path, processes=8, rounds=count(30, 1000))
     assert result["rounds_with_that_outcome"] == result["rounds"]
     assert result["outcome"] == {"0": 1, "EINVAL": 7}
     assert sum(result["wins_per_process"]) == result["rounds"]
@@ -32,5 +33,5 @@ def test_binds_and_group_opens_racing_for_one_device_exactly_one_path_wins_every
     """The legacy path races too: the device's group node opened by four processes while four
     others BIND the device. The two paths exclude each other (kernel group.c: EBUSY both
     ways), so one of the eight wins each round and everybody else is refused."""
-    result = cdev_group_race(mount.path, processes=8, rounds=1000 if LONG else 30)
+    result = cdev_group_race(mount.path, processes=8, rounds=count(30, 1000))
     assert result["won_by_bind"] + result["won_by_group_open"] == result["rounds"]

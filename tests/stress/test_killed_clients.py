@@ -23,11 +23,12 @@ import json
 import subprocess
 import sys
 
-from kill_support import LONG, RSS_SLACK_KIB, killed_clients, quiet
+from harness import count
+from kill_support import RSS_SLACK_KIB, killed_clients, quiet
 
 
 def test_clients_killed_anywhere_leave_nothing_behind(mount):
-    result = killed_clients(mount.path, mount.daemon.pid, rounds=1000 if LONG else 40)
+    result = killed_clients(mount.path, mount.daemon.pid, rounds=count(40, 1000))
     assert result["daemon_fds"]["back"], result
     assert result["daemon_rss_kib"]["growth"] <= RSS_SLACK_KIB, result
     assert quiet(mount.path)

@@ -26,12 +26,13 @@ import shutil
 
 import pytest
 
-from kill_support import LONG, killed_daemon_mount, killed_daemon_unit
+from harness import count
+from kill_support import killed_daemon_mount, killed_daemon_unit
 from namespaces import needs_root, unused_gid
 
 
 def test_killed_mount_daemon_errors_clients_and_the_next_mount_recovers_every_acknowledged_write(tmp_path):
-    result = killed_daemon_mount(tmp_path, rounds=20 if LONG else 2)
+    result = killed_daemon_mount(tmp_path, rounds=count(2, 20))
     assert result["lost"] == 0 and result["acknowledged_records"] > 0
     assert result["client_error_after_s"]["max"] < 5
 
@@ -41,6 +42,6 @@ def test_killed_mount_daemon_errors_clients_and_the_next_mount_recovers_every_ac
 def test_killed_unit_daemon_is_restarted_with_every_acknowledged_write(tmp_path):
     """The restart time itself (the issue's 2 s) is a figure bench/reliability.py measures; here
     only a hang is a failure."""
-    result = killed_daemon_unit(tmp_path, unused_gid(), rounds=10 if LONG else 2)
+    result = killed_daemon_unit(tmp_path, unused_gid(), rounds=count(2, 10))
     assert result["lost"] == 0 and result["acknowledged_records"] > 0
     assert result["kill_to_ready_s"]["max"] < 30, result
