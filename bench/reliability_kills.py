@@ -1,28 +1,20 @@
-#!/usr/bin/env python3
 """Reliability figures of issue 14 for R2 (bind races), R3 (killed clients), R4 (killed
 daemon) and permissions, measured with the scenarios the stress tests run
-(tests/stress/kill_support.py), at the issue's full counts with --long.
+(tests/stress/kill_support.py), at the issue's full counts when ``long``.
 
-    .venv/bin/python bench/reliability_kills.py [--long] [--json]
-
-bench/reliability.py runs these after R1, R5 and R6 and prints them in its table.
-
-Prints one table (or, with --json, the figures as JSON). A scenario that fails is reported
-as FAIL with its assertion, and the exit status is 1. R4's systemd unit and the
-permission checks between users need root (they are reported as skipped otherwise).
+bench/reliability.py runs these after R1, R5 and R6 and prints them in its table. R4's
+systemd unit and the permission checks between users need root (they are reported as
+skipped otherwise).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
@@ -155,30 +147,3 @@ def summary(name: str, result: dict) -> str:
                          f"max {back['max']} s, {r['acknowledged_records']} acknowledged records, {r['lost']} lost")
         return "; ".join(parts)
     return f"{result['passed']} passed, {result['skipped']} skipped of {result['checks']} checks"
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--long", action="store_true", help="the issue's full counts (as VFIOFS_STRESS=long)")
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    args = parser.parse_args()
-    results: dict = {"long": args.long, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    ok = True
-    for name, measure in MEASURES:
-        started = time.monotonic()
-        try:
-            results[name] = measure(args.long)
-        except AssertionError as exc:
-            results[name] = {"FAIL": str(exc)[:2000]}
-            ok = False
-        if not args.json:
-            result = results[name]
-            text = f"FAIL {result['FAIL']}" if "FAIL" in result else summary(name, result)
-            print(f"{name:<18} {text}  [{time.monotonic() - started:.1f} s]", flush=True)
-    if args.json:
-        print(json.dumps(results, indent=1))
-    return 0 if ok else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -13,7 +13,7 @@ node instead (one winner in all; group opens lose with EBUSY, BINDs with EINVAL 
 winning BIND and with EBUSY after a winning group open).
 
 Fast form here (8 × 30 rounds each); VFIOFS_STRESS=long runs 8 × 1,000
-(bench/reliability_kills.py records the figures).
+(bench/reliability.py records the figures).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ since the last fsync). The daemon is SIGKILLed at a random moment. Then:
   ``vfiofs mount`` there says so, cleans it up and mounts;
 * under the system unit (systemd/vfiofs.service, run as tests/mount/test_systemd.py
   runs it; its Restart=on-failure and RestartSec= applied by the test, as systemd would):
-  the restarted daemon is READY (its mount answers) again; bench/reliability_kills.py
+  the restarted daemon is READY (its mount answers) again; bench/reliability.py
   measures how long that takes (the issue asks for 2 s);
 * after the restart every acknowledged record is there.
 
