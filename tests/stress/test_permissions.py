@@ -105,7 +105,7 @@ def open_mount(public_dir):
         assert daemon.stop() == 0
 
 
-def as_nobody(work) -> int:
+def forked_as_nobody(work) -> int:
     """Run ``work()`` in a forked child that became uid/gid 65534 (no groups); its return
     value (a small int, e.g. an errno) comes back as the exit status."""
     pid = os.fork()
@@ -135,7 +135,7 @@ def test_descriptors_deposited_by_another_user_are_not_open_for_my_handle(open_m
             fdpass.deposit(channel, theirs, {5: os.eventfd(0)})
             return 0
 
-        assert as_nobody(deposit_an_eventfd) == 0
+        assert forked_as_nobody(deposit_an_eventfd) == 0
         irq_set = abi.vfio_irq_set(argsz=24, flags=abi.VFIO_IRQ_SET_DATA_EVENTFD | abi.VFIO_IRQ_SET_ACTION_TRIGGER,
                                    index=vc.VFIO_PCI_MSI_IRQ_INDEX, start=0, count=1)
 
@@ -172,7 +172,7 @@ def test_another_user_cannot_claim_the_device_my_group_handle_opened(open_mount)
             finally:
                 os.close(fd)
 
-        assert as_nobody(claim) == errno.EINVAL
+        assert forked_as_nobody(claim) == errno.EINVAL
         assert claim() == errno.EINVAL  # a claim uses the ticket up, even a refused one
         with group.get_device("0000:00:01.0") as dev:  # a fresh GET_DEVICE_FD works for its user
             assert dev.get_info().num_regions == 9
