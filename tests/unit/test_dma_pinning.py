@@ -86,3 +86,12 @@ def test_destroying_an_ioas_lets_go_of_the_memory():
     ctx.ioctl(abi.IOMMU_IOAS_MAP, IoctlArg(UserBuffer(bytes(cmd)), process=lambda: held))
     ctx.ioctl(abi.IOMMU_DESTROY, IoctlArg(UserBuffer(bytes(abi.iommu_destroy(size=8, id=ioas_id)))))
     assert held.closed and not ctx.objects
+
+
+def test_type1_reports_4k_2m_1g_pages():
+    info = abi.vfio_iommu_type1_info(argsz=24)
+    arg = IoctlArg(UserBuffer(bytes(info)))
+    type1().ioctl(abi.VFIO_IOMMU_GET_INFO, arg)
+    got = abi.vfio_iommu_type1_info.from_buffer_copy(bytes(arg.buf.data))
+    assert got.iova_pgsizes == (1 << 12) | (1 << 21) | (1 << 30)
+    assert got.flags & abi.VFIO_IOMMU_INFO_PGSIZES

@@ -427,9 +427,9 @@ class IommufdContext:
 
 # -- the VFIO compatibility container (drivers/iommu/iommufd/vfio_compat.c) ----------------------------
 
-#: iommufd's domains support every page size the type1 container reports; with no domain
-#: the bitmap is "any multiple of PAGE_SIZE" (iommufd_get_pagesizes)
-_DOMAIN_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
+#: the page sizes of an emulated IOMMU domain (4 KiB, 2 MiB, 1 GiB), as type1 reports them;
+#: the compat layer with no domain reports "any multiple of PAGE_SIZE" (iommufd_get_pagesizes)
+IOVA_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 _NO_DOMAIN_PGSIZES = U64_MAX & ~(PAGE_SIZE - 1)
 _U32_MAX = (1 << 32) - 1
 
@@ -509,7 +509,7 @@ class VfioCompat:
         room = min(info.argsz, ctypes.sizeof(info))
         ioas = self.ioas()
         info.flags = abi.VFIO_IOMMU_INFO_PGSIZES | abi.VFIO_IOMMU_INFO_CAPS
-        info.iova_pgsizes = _DOMAIN_PGSIZES if ioas.hwpts else _NO_DOMAIN_PGSIZES
+        info.iova_pgsizes = IOVA_PGSIZES if ioas.hwpts else _NO_DOMAIN_PGSIZES
         info.cap_offset = 0
         ranges = [abi.vfio_iova_range(start=0, end=IOVA_LAST)]
         dma_avail = bytes(abi.vfio_iommu_type1_info_dma_avail(

@@ -17,11 +17,10 @@ from vfiofs import abi
 from vfiofs.abi import PAGE_SIZE
 from vfiofs.core.ioctl import Ioctl, IoctlArg, IoctlTable, Style, offsetofend, place_capabilities
 from vfiofs.errors import VfioError
-from vfiofs.iommu.iommufd import IOVA_LAST, U64_MAX, Ioas, Mapping
+from vfiofs.iommu.iommufd import IOVA_LAST, IOVA_PGSIZES, U64_MAX, Ioas, Mapping
 
 TYPE1_TYPES = (abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU)
 EXTENSIONS = {abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU, abi.VFIO_UNMAP_ALL, abi.VFIO_DMA_CC_IOMMU}
-IOVA_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 DMA_ENTRY_LIMIT = 65535  # type1's default dma_entry_limit
 
 
