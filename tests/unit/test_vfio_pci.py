@@ -215,3 +215,19 @@ def test_a_model_bug_in_a_bar_write_or_an_extended_config_read_is_eio(driver, mo
     with pytest.raises(VfioError) as exc:
         express.read(config + 0x100, 4)
     assert exc.value.errno == errno.EIO
+
+
+def test_setting_bcr_flr_in_devctl_resets_the_function(monkeypatch):
+    model = DeviceModel(DeviceSpec(name="pcie", model="generic", identity=SPEC.identity,
+                                   bars=(BarSpec(index=0, size=0x1000),), capabilities=(Capability("pcie"),)))
+    express = VfioPciDevice(model)
+    resets = []
+    monkeypatch.setattr(model, "reset", lambda: resets.append(1))
+    config = abi.VFIO_PCI_INDEX_TO_OFFSET(abi.VFIO_PCI_CONFIG_REGION_INDEX)
+    devctl = express.config.capability_offset("pcie") + 8
+    express.write(config + devctl, struct.pack("<H", 0x0010))  # another DEVCTL bit: no reset
+    assert resets == []
+    express.write(config + 0x04, struct.pack("<H", 0))  # decoding off, to see the reset restore it
+    express.write(config + devctl, struct.pack("<H", 0x8000))
+    assert resets == [1] and express.config.command & 0x2  # power-on config: memory decoding back on
+    assert not struct.unpack("<H", express.read(config + devctl, 2))[0] & 0x8000  # the FLR bit reads 0

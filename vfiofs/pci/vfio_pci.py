@@ -24,7 +24,8 @@ from vfiofs.core.ioctl import Capability, Ioctl, IoctlArg, IoctlTable, Style, of
 from vfiofs.errors import VfioError
 from vfiofs.pci.irq import IRQ_INFO_MINSZ, IRQ_SET_MINSZ, IrqController, Trigger
 from vfiofs.models.api import DeviceModel
-from vfiofs.pci.config import PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
+from vfiofs.pci.config import (PCI_CFG_SPACE_SIZE, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY,
+                               PciConfigSpace, rom_bar_size)
 from vfiofs.abi import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,6 @@ def model_bytes(what: str, data: object, size: int) -> bytes:
         log.error("device model returned a wrong-sized %s (wanted %d bytes)", what, size)
         raise VfioError(errno.EIO, f"device model returned a wrong-sized {what}")
     return bytes(data)
-
-
-PCI_CFG_SPACE_SIZE = 0x100  # conventional config space; a PCIe function's extended space follows
 
 
 def _dword_pieces(start: int, end: int) -> list[tuple[int, int]]:
