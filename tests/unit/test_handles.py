@@ -662,6 +662,18 @@ def test_only_a_device_handle_of_that_device_claims(w):
         assert exc.value.errno == errno.EINVAL
 
 
+def test_a_ticket_used_up_by_a_failed_claim_gives_its_device_back(w):
+    group, _ = legacy_ready(w, uid=1000)
+    for wrong in (w.server.open_device(0, uid=1001), w.server.open_device(1, uid=1000)):  # user; device
+        index, ticket = get_device_fd(w, group, "dev0")
+        assert w.models[0].calls[-1] == "open"
+        with pytest.raises(VfioError) as exc:
+            claim(w, wrong, ticket)
+        assert exc.value.errno == errno.EINVAL
+        assert w.models[0].calls[-2:] == ["close", "reset"]  # not held until the group handle closes
+    assert w.server.handle(group).grants == [] and len(w.server.tickets) == 0
+
+
 def test_an_unclaimed_grant_lapses_with_its_group(w):
     group, _ = legacy_ready(w)
     index, ticket = get_device_fd(w, group, "dev0")
