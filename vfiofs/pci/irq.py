@@ -50,6 +50,10 @@ class Trigger(Protocol):
 
     fd: int
     is_eventfd: bool
+    claimed: bool  # kept by a vector: the transport must not close it after the command
+
+    def duplicate(self) -> "Trigger":
+        """Another reference to the same eventfd (one per vector)."""
 
 
 class Config(Protocol):
@@ -75,7 +79,6 @@ class IrqController:
             abi.VFIO_PCI_ERR_IRQ_INDEX: 1 if spec.express else 0,
             abi.VFIO_PCI_REQ_IRQ_INDEX: 1,
         }
-        self.msix = msix
         self.msi = msi
         self.irq_type = NONE
         self.intx_trigger: Trigger | None = None
@@ -158,9 +161,9 @@ class IrqController:
     def _own(trigger: Trigger | None) -> Trigger | None:
         """Keep ``trigger``: the transport must not close it after the command."""
         if trigger is not None:
-            if trigger.claimed:  # type: ignore[attr-defined]
-                trigger = trigger.duplicate()  # type: ignore[attr-defined]  # one reference per vector
-            trigger.claimed = True  # type: ignore[attr-defined]
+            if trigger.claimed:
+                trigger = trigger.duplicate()  # one reference per vector
+            trigger.claimed = True
         return trigger
 
     def _drop(self, trigger: Trigger | None) -> None:
