@@ -490,7 +490,9 @@ def _compile_table() -> dict[HandleState, tuple[_Step, ...]]:
         steps = []
         for event in Event:
             transition = TRANSITIONS[state, event]
-            names = [c for c in transition.checks if isinstance(c, str)] + ([transition.action] if transition.action else [])
+            names = [c for c in transition.checks if isinstance(c, str)]
+            if transition.action:
+                names.append(transition.action)
             missing = [name for name in names if not callable(getattr(DeviceFile, name, None))]
             if missing:  # pragma: no cover - guards edits of the table
                 raise AssertionError(f"({state.name}, {event.name}) names unknown methods {missing}")

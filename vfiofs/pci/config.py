@@ -219,8 +219,9 @@ class PciConfigSpace:
         for i, byte in enumerate(data):
             mask = self.wmask[pos + i]
             self.data[pos + i] = (self.data[pos + i] & ~mask) | (byte & mask)
-        flr_byte = None if self._flr_offset is None else self._flr_offset + 1  # DEVCTL's high byte holds BCR_FLR
-        if flr_byte is not None and pos <= flr_byte < pos + len(data) and data[flr_byte - pos] << 8 & PCI_EXP_DEVCTL_BCR_FLR:
+        flr_byte = None if self._flr_offset is None else self._flr_offset + 1  # DEVCTL's high byte: BCR_FLR
+        flr = flr_byte is not None and pos <= flr_byte < pos + len(data)
+        if flr and data[flr_byte - pos] << 8 & PCI_EXP_DEVCTL_BCR_FLR:
             if self.on_flr is not None:
                 self.on_flr()  # the FLR bit itself always reads 0
         return len(data)
