@@ -598,6 +598,29 @@ def test_get_device_fd_looks_devices_up_in_its_group_only(w):
     assert w.models[0].calls == w.models[1].calls == []
 
 
+def test_a_group_cannot_open_while_one_of_its_devices_is_bound_through_its_cdev(w):
+    w = shared_group_world()
+    iommu, fh = w.server.open_iommu(), w.server.open_device(1)
+    w.bind(fh, iommu)
+    with pytest.raises(VfioError) as exc:
+        w.server.open_group(7)
+    assert exc.value.errno == errno.EBUSY
+    w.server.release(fh)
+    w.server.release(w.server.open_group(7))  # unbound: the group is free again
+
+
+def test_a_claimed_grant_is_no_longer_held_by_its_group_handle(w):
+    group, _ = legacy_ready(w)
+    handles = [granted(w, group, "dev0") for _ in range(3)]
+    assert w.server.handle(group).grants == []  # claims do not pile up on a long-lived group handle
+    index, ticket = get_device_fd(w, group, "dev0")
+    assert len(w.server.handle(group).grants) == 1  # until claimed, the grant holds the device
+    w.server.release(group)
+    for fh in handles:
+        w.server.release(fh)
+    assert w.models[0].calls == ["open", "close", "reset"]
+
+
 # --- tickets ------------------------------------------------------------------------------------
 
 def shared_group_world() -> World:
@@ -637,6 +660,18 @@ def test_only_a_device_handle_of_that_device_claims(w):
         with pytest.raises(VfioError) as exc:
             claim(w, fh, ticket)
         assert exc.value.errno == errno.EINVAL
+
+
+def test_a_ticket_used_up_by_a_failed_claim_gives_its_device_back(w):
+    group, _ = legacy_ready(w, uid=1000)
+    for wrong in (w.server.open_device(0, uid=1001), w.server.open_device(1, uid=1000)):  # user; device
+        index, ticket = get_device_fd(w, group, "dev0")
+        assert w.models[0].calls[-1] == "open"
+        with pytest.raises(VfioError) as exc:
+            claim(w, wrong, ticket)
+        assert exc.value.errno == errno.EINVAL
+        assert w.models[0].calls[-2:] == ["close", "reset"]  # not held until the group handle closes
+    assert w.server.handle(group).grants == [] and len(w.server.tickets) == 0
 
 
 def test_an_unclaimed_grant_lapses_with_its_group(w):

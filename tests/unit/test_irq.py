@@ -148,3 +148,34 @@ def test_one_eventfd_for_two_vectors_gets_two_references(device):
     assert first is shared and second is not shared and second.original is shared
     set_irqs(device, EVENTFD | TRIGGER, 2, 0, 1, struct.pack("<i", -1))
     assert first.closed and not second.closed
+
+
+def test_intx_mask_and_unmask_share_their_checks(device):
+    for action in (abi.VFIO_IRQ_SET_ACTION_MASK, UNMASK):
+        assert fails(device, NONE | action, 0, 0, 1) == errno.EINVAL  # INTx not enabled yet
+    trigger = FakeEventfd(3)
+    set_irqs(device, EVENTFD | TRIGGER, 0, 0, 1, struct.pack("<i", 3), {3: trigger})
+    for action in (abi.VFIO_IRQ_SET_ACTION_MASK, UNMASK):
+        assert fails(device, EVENTFD | action, 0, 0, 1, struct.pack("<i", 3), {3: trigger}) == errno.ENOTTY
+    set_irqs(device, BOOL | abi.VFIO_IRQ_SET_ACTION_MASK, 0, 0, 1, b"\0")  # a false BOOL does nothing
+    assert not device.irqs.intx_masked
+    set_irqs(device, BOOL | abi.VFIO_IRQ_SET_ACTION_MASK, 0, 0, 1, b"\1")
+    device.irqs.set_intx(True)
+    assert device.irqs.intx_masked and trigger.count == 0
+    set_irqs(device, BOOL | UNMASK, 0, 0, 1, b"\1")
+    assert trigger.count == 1  # the line is still asserted: unmasking signals it (then automasks)
+
+
+def test_a_masked_msi_vector_is_pending_until_unmasked(device):
+    triggers = {5: FakeEventfd(5), 6: FakeEventfd(6)}
+    set_irqs(device, EVENTFD | TRIGGER, abi.VFIO_PCI_MSI_IRQ_INDEX, 0, 2, struct.pack("<2i", 5, 6), triggers)
+    msi = device.config.capability_offset("msi")
+    config = abi.VFIO_PCI_INDEX_TO_OFFSET(abi.VFIO_PCI_CONFIG_REGION_INDEX)
+    mask_at, pending_at = msi + 16, msi + 20  # 64-bit, maskable
+    device.write(config + mask_at, struct.pack("<I", 0b10))
+    device.irqs.raise_irq(abi.VFIO_PCI_MSI_IRQ_INDEX, 1)
+    device.irqs.raise_irq(abi.VFIO_PCI_MSI_IRQ_INDEX, 0)
+    assert (triggers[5].count, triggers[6].count) == (1, 0)
+    assert struct.unpack("<I", device.read(config + pending_at, 4))[0] == 0b10
+    device.write(config + mask_at, struct.pack("<I", 0))
+    assert triggers[6].count == 1 and struct.unpack("<I", device.read(config + pending_at, 4))[0] == 0

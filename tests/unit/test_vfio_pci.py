@@ -186,3 +186,48 @@ def test_interrupts_go_through_the_injected_signal():
     assert signalled == [trigger] and released == []
     driver.close_device()
     assert released == [trigger]
+
+
+@pytest.mark.parametrize("answer, ok", [(b"\x01\x02\x03\x04", True), (bytearray(b"\x01\x02\x03\x04"), True),
+                                        (b"\x01\x02", False), ("abcd", False), (None, False)])
+def test_a_model_read_of_the_wrong_kind_or_size_is_eio(driver, monkeypatch, answer, ok):
+    monkeypatch.setattr(driver.model, "bar_read", lambda index, pos, count: answer)
+    if ok:
+        assert driver.read(abi.VFIO_PCI_INDEX_TO_OFFSET(2), 4) == b"\x01\x02\x03\x04"
+        return
+    with pytest.raises(VfioError) as exc:
+        driver.read(abi.VFIO_PCI_INDEX_TO_OFFSET(2), 4)
+    assert exc.value.errno == errno.EIO
+
+
+def test_a_model_bug_in_a_bar_write_or_an_extended_config_read_is_eio(driver, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("model bug")
+
+    monkeypatch.setattr(driver.model, "bar_write", broken)
+    with pytest.raises(VfioError) as exc:
+        driver.write(abi.VFIO_PCI_INDEX_TO_OFFSET(2), b"abcd")
+    assert exc.value.errno == errno.EIO
+    express = VfioPciDevice(DeviceModel(DeviceSpec(name="pcie", model="generic", identity=SPEC.identity,
+                                                   capabilities=(Capability("pcie"),))))
+    config = abi.VFIO_PCI_INDEX_TO_OFFSET(abi.VFIO_PCI_CONFIG_REGION_INDEX)
+    monkeypatch.setattr(express.model, "config_read", lambda offset, size: bytes(size + 1))
+    with pytest.raises(VfioError) as exc:
+        express.read(config + 0x100, 4)
+    assert exc.value.errno == errno.EIO
+
+
+def test_setting_bcr_flr_in_devctl_resets_the_function(monkeypatch):
+    model = DeviceModel(DeviceSpec(name="pcie", model="generic", identity=SPEC.identity,
+                                   bars=(BarSpec(index=0, size=0x1000),), capabilities=(Capability("pcie"),)))
+    express = VfioPciDevice(model)
+    resets = []
+    monkeypatch.setattr(model, "reset", lambda: resets.append(1))
+    config = abi.VFIO_PCI_INDEX_TO_OFFSET(abi.VFIO_PCI_CONFIG_REGION_INDEX)
+    devctl = express.config.capability_offset("pcie") + 8
+    express.write(config + devctl, struct.pack("<H", 0x0010))  # another DEVCTL bit: no reset
+    assert resets == []
+    express.write(config + 0x04, struct.pack("<H", 0))  # decoding off, to see the reset restore it
+    express.write(config + devctl, struct.pack("<H", 0x8000))
+    assert resets == [1] and express.config.command & 0x2  # power-on config: memory decoding back on
+    assert not struct.unpack("<H", express.read(config + devctl, 2))[0] & 0x8000  # the FLR bit reads 0

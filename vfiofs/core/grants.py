@@ -52,8 +52,17 @@ class Tickets:
         return ticket
 
     def claim(self, ticket: int, uid: int, handle: Claimant) -> None:
-        """OP_CLAIM: the ticket is used up whatever follows; a wrong user is EINVAL."""
+        """OP_CLAIM: the ticket is used up whatever follows; a wrong user is EINVAL. A grant
+        whose ticket was used up without being claimed is given back at once (it could
+        never be claimed any more)."""
         found = self._pending.pop(ticket, None)
-        if found is None or found[1] != uid:
+        if found is None:
             raise VfioError(errno.EINVAL, "no such grant for this handle")
-        handle.claim(found[0])
+        grant, owner = found
+        try:
+            if owner != uid:
+                raise VfioError(errno.EINVAL, "no such grant for this handle")
+            handle.claim(grant)
+        except BaseException:
+            grant.lapse()
+            raise

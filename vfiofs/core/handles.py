@@ -162,7 +162,11 @@ class Group:
         self.devices: list[Device] = []
         self.opened: GroupFile | None = None  # open, or kept open by device handles it handed out
         self.derived_handles = 0  # live device handles obtained through VFIO_GROUP_GET_DEVICE_FD
-        self.cdev_bound = 0  # devices of this group bound through their cdev
+
+    @property
+    def cdev_bound(self) -> bool:
+        """A device of this group is bound through its cdev (the group cannot be opened)."""
+        return any(device.bound_file is not None for device in self.devices)
 
     def blocks_cdev(self) -> bool:
         """vfio_device_block_group(): BIND fails with EBUSY while the group is in use."""
@@ -409,7 +413,6 @@ class DeviceFile:
             ictx.unbind_device(binding)
             raise
         device.bound_file = self
-        device.group.cdev_bound += 1
         self.ictx, self.devobj = ictx, binding
         return 0
 
@@ -447,8 +450,8 @@ class DeviceFile:
     def claim_grant(self, call: Call) -> None:
         """Granted from the start (vfio_device_group_open sets access_granted), tied to the group."""
         assert call.grant is not None
-        call.grant.claimed = True
         self.group_file = call.grant.group_file
+        self.group_file.grants.remove(call.grant)  # the handle holds the device from now on
         self.device.group.derived_handles += 1
 
     def unbind(self, call: Call) -> None:
@@ -456,7 +459,6 @@ class DeviceFile:
         self.device.close()
         self.ictx.unbind_device(self.devobj)
         self.device.bound_file = None
-        self.device.group.cdev_bound -= 1
         self.ictx = self.devobj = None
 
     def leave_group(self, call: Call) -> None:
@@ -488,7 +490,9 @@ def _compile_table() -> dict[HandleState, tuple[_Step, ...]]:
         steps = []
         for event in Event:
             transition = TRANSITIONS[state, event]
-            names = [c for c in transition.checks if isinstance(c, str)] + [transition.action or "fire"]
+            names = [c for c in transition.checks if isinstance(c, str)]
+            if transition.action:
+                names.append(transition.action)
             missing = [name for name in names if not callable(getattr(DeviceFile, name, None))]
             if missing:  # pragma: no cover - guards edits of the table
                 raise AssertionError(f"({state.name}, {event.name}) names unknown methods {missing}")
@@ -523,12 +527,11 @@ class GroupGrant:
 
     device: Device
     group_file: "GroupFile"
-    claimed: bool = False
 
     @property
     def pending(self) -> bool:
-        """Not claimed yet, and its group handle still holds it (it has not lapsed)."""
-        return not self.claimed and self in self.group_file.grants
+        """Its group handle still holds it: not claimed yet, and it has not lapsed."""
+        return self in self.group_file.grants
 
     def lapse(self) -> None:
         self.group_file.forget_grant(self)
@@ -549,7 +552,7 @@ class GroupFile(ControlNode):
         self.uid = uid  # who may claim the devices it hands out (the kernel's file credentials)
         self.container: IommuContainer | None = None
         self.via_iommufd = False  # the container is an iommufd context (its compat layer)
-        self.grants: list[GroupGrant] = []
+        self.grants: list[GroupGrant] = []  # opened devices whose grant was neither claimed nor lapsed
         self.released = False
         group.opened = self
 
@@ -612,7 +615,7 @@ class GroupFile(ControlNode):
 
     def forget_grant(self, grant: GroupGrant) -> None:
         """A grant never claimed (the client died, or its ticket lapsed): close the device it opened."""
-        if grant in self.grants and not grant.claimed:
+        if grant in self.grants:
             self.grants.remove(grant)
             grant.device.close()
 

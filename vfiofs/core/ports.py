@@ -12,7 +12,8 @@ from __future__ import annotations
 import errno
 import logging
 import select
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from vfiofs.errors import VfioError
 
@@ -32,31 +33,23 @@ class HostPort:
 
     def read(self, size: int) -> bytes:
         """Up to ``size`` transmitted bytes; EAGAIN when there are none."""
-        try:
+        with _model_call("port read"):
             data = self.model.host_read(size)  # type: ignore[attr-defined]
             if not isinstance(data, (bytes, bytearray, memoryview)):
                 raise TypeError(f"host_read returned {type(data).__name__}, not bytes")
             data = bytes(data)
             if len(data) > size:
                 raise ValueError(f"host_read returned {len(data)} bytes, asked for {size}")
-        except VfioError:
-            raise
-        except Exception as exc:
-            raise _model_bug("port read", exc) from None
         if not data:
             raise VfioError(errno.EAGAIN, "nothing transmitted")  # poll for POLLIN
         return data
 
     def write(self, data: bytes) -> int:
         """Feed ``data`` to the device; how many bytes it took, EAGAIN when it took none."""
-        try:
+        with _model_call("port write"):
             taken = self.model.host_write(bytes(data))  # type: ignore[attr-defined]
             if not isinstance(taken, int) or not 0 <= taken <= len(data):
                 raise ValueError(f"host_write returned {taken!r} for {len(data)} bytes")
-        except VfioError:
-            raise
-        except Exception as exc:
-            raise _model_bug("port write", exc) from None
         if taken == 0 and data:
             raise VfioError(errno.EAGAIN, "the device takes nothing now")  # poll for POLLOUT
         return taken
@@ -66,19 +59,15 @@ class HostPort:
 
         A model without ``host_pending``/``host_room`` is always readable/writable.
         """
-        try:
+        mask = 0
+        with _model_call("poll"):
             pending = getattr(self.model, "host_pending", None)
             room = getattr(self.model, "host_room", None)
-            mask = 0
             if pending is None or pending() > 0:
                 mask |= READABLE
             if room is None or room() > 0:
                 mask |= WRITABLE
-            return mask
-        except VfioError:
-            raise
-        except Exception as exc:
-            raise _model_bug("poll", exc) from None
+        return mask
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` whenever the model reports news for its host side."""
@@ -97,7 +86,14 @@ class HostPort:
                 log.exception("internal error in a port notification")
 
 
-def _model_bug(what: str, exc: Exception) -> VfioError:
-    """An exception or a bad return from the model: logged with its traceback, reported as EIO."""
-    log.error("internal error in %s", what, exc_info=exc)
-    return VfioError(errno.EIO, f"{what}: {exc}")
+@contextmanager
+def _model_call(what: str) -> Iterator[None]:
+    """An exception or a bad return from the model: logged with its traceback, reported as EIO
+    (a VfioError keeps its errno)."""
+    try:
+        yield
+    except VfioError:
+        raise
+    except Exception as exc:
+        log.error("internal error in %s", what, exc_info=exc)
+        raise VfioError(errno.EIO, f"{what}: {exc}") from None

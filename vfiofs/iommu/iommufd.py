@@ -30,6 +30,13 @@ class IommufdObject:
     id: int = 0
 
 
+def caller_memory(arg: IoctlArg) -> CallerMemory:
+    """The memory of the process behind the ioctl; EPERM if the transport could not identify it."""
+    if arg.process is None:
+        raise VfioError(errno.EPERM, "the caller's process was not identified (docs/protocol.md §12)")
+    return arg.process()
+
+
 IOVA_LAST = (1 << 48) - 1  # the aperture of the emulated IOMMU: 48-bit IOVAs
 U64_MAX = (1 << 64) - 1
 _MAP_FLAGS = abi.IOMMU_IOAS_MAP_FIXED_IOVA | abi.IOMMU_IOAS_MAP_WRITEABLE | abi.IOMMU_IOAS_MAP_READABLE
@@ -84,10 +91,29 @@ class Ioas(IommufdObject):
         mapping.length = head
         self.mappings.insert(self.mappings.index(mapping) + 1, tail)
 
+    def pin(self, arg: IoctlArg, iova: int, length: int, user_va: int, readable: bool, writable: bool) -> None:
+        """Map the caller's [user_va, +length) at [iova, +length) (the range checks done):
+        EPERM if the caller is unknown, EFAULT unless its process has that memory."""
+        memory = caller_memory(arg)
+        try:
+            memory.check_range(user_va, length, write=writable)
+        except VfioError:
+            memory.close()
+            raise
+        self.mappings.append(Mapping(iova, length, user_va, readable, writable, memory))
+        self.mappings.sort(key=lambda m: m.iova)
+
     def remove(self, mapping: Mapping) -> None:
         self.mappings.remove(mapping)
         if not any(m.memory is mapping.memory for m in self.mappings):
             mapping.memory.close()
+
+    def unmap_all(self) -> int:
+        """Remove every mapping; the bytes unmapped."""
+        unmapped = sum(m.length for m in self.mappings)
+        for mapping in list(self.mappings):
+            self.remove(mapping)
+        return unmapped
 
     def dma_port(self, on_fault: Callable[[str], None],
                  on_done: Callable[[str, int, int], None]) -> "IoasDma":
@@ -203,8 +229,7 @@ class IommufdContext:
             return
         for obj in list(self.objects.values()):
             if isinstance(obj, Ioas):
-                for mapping in list(obj.mappings):
-                    obj.remove(mapping)
+                obj.unmap_all()
         self.objects.clear()
         self.vfio_ioas = None
 
@@ -240,7 +265,6 @@ class IommufdContext:
         arg.buf.get_u32(0)  # get_user(size): EFAULT comes before the command lookup
         return IOMMUFD_IOCTLS.dispatch(self, request, arg)
 
-
     def _ioas_alloc(self, arg: IoctlArg, cmd: abi.iommu_ioas_alloc) -> None:
         if cmd.flags:
             raise VfioError(errno.EOPNOTSUPP, "IOAS_ALLOC flags must be 0")
@@ -251,12 +275,6 @@ class IommufdContext:
         if not isinstance(obj, Ioas):
             raise VfioError(errno.ENOENT, f"no IOAS {ioas_id}")
         return obj
-
-    @staticmethod
-    def _caller_memory(arg: IoctlArg) -> CallerMemory:
-        if arg.process is None:
-            raise VfioError(errno.EPERM, "the caller's process was not identified (docs/protocol.md §12)")
-        return arg.process()
 
     def _ioas_map(self, arg: IoctlArg, cmd: abi.iommu_ioas_map) -> None:
         """iommufd_ioas_map(): checks in the kernel's order, then pins the range to the caller."""
@@ -290,14 +308,7 @@ class IommufdContext:
                 raise VfioError(errno.EEXIST, "the range overlaps an existing mapping")
         else:
             iova = self._allocate_iova(ioas, length)
-        memory = self._caller_memory(arg)
-        try:
-            memory.check_range(user_va, length, write=writable)
-        except VfioError:
-            memory.close()
-            raise
-        ioas.mappings.append(Mapping(iova, length, user_va, readable, writable, memory))
-        ioas.mappings.sort(key=lambda m: m.iova)
+        ioas.pin(arg, iova, length, user_va, readable, writable)
         return iova
 
     def _allocate_iova(self, ioas: Ioas, length: int) -> int:
@@ -317,18 +328,11 @@ class IommufdContext:
     def _ioas_unmap(self, arg: IoctlArg, cmd: abi.iommu_ioas_unmap) -> None:
         ioas = self._ioas(cmd.ioas_id)
         if cmd.iova == 0 and cmd.length == U64_MAX:  # unmap everything
-            cmd.length = self._unmap_all(ioas)
+            cmd.length = ioas.unmap_all()
             return
         if cmd.iova >= U64_MAX or cmd.length >= U64_MAX:
             raise VfioError(errno.EOVERFLOW, "iova or length too large")
         cmd.length = self._unmap_range(ioas, cmd.iova, cmd.length)
-
-    @staticmethod
-    def _unmap_all(ioas: Ioas) -> int:
-        unmapped = sum(m.length for m in ioas.mappings)
-        for mapping in list(ioas.mappings):
-            ioas.remove(mapping)
-        return unmapped
 
     @staticmethod
     def _unmap_range(ioas: Ioas, iova: int, length: int) -> int:
@@ -357,7 +361,7 @@ class IommufdContext:
         if room < len(ranges):  # the kernel reports the count, then fails
             raise RespondThenFail(errno.EMSGSIZE, "num_iovas is too small; it now holds the count needed")
         if ranges:
-            memory = self._caller_memory(arg)
+            memory = caller_memory(arg)
             try:
                 data = b"".join(struct.pack("<QQ", start, last) for start, last in ranges)
                 memory.check_range(cmd.allowed_iovas, len(data), write=True)
@@ -374,8 +378,7 @@ class IommufdContext:
         if self._busy(obj):
             raise VfioError(errno.EBUSY, f"object {cmd.id} is in use")
         if isinstance(obj, Ioas):
-            for mapping in list(obj.mappings):
-                obj.remove(mapping)
+            obj.unmap_all()
         self._remove(obj)
 
     # -- devices (called by the state machine) -----------------------------------------------
@@ -424,9 +427,9 @@ class IommufdContext:
 
 # -- the VFIO compatibility container (drivers/iommu/iommufd/vfio_compat.c) ----------------------------
 
-#: iommufd's domains support every page size the type1 container reports; with no domain
-#: the bitmap is "any multiple of PAGE_SIZE" (iommufd_get_pagesizes)
-_DOMAIN_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
+#: the page sizes of an emulated IOMMU domain (4 KiB, 2 MiB, 1 GiB), as type1 reports them;
+#: the compat layer with no domain reports "any multiple of PAGE_SIZE" (iommufd_get_pagesizes)
+IOVA_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 _NO_DOMAIN_PGSIZES = U64_MAX & ~(PAGE_SIZE - 1)
 _U32_MAX = (1 << 32) - 1
 
@@ -506,7 +509,7 @@ class VfioCompat:
         room = min(info.argsz, ctypes.sizeof(info))
         ioas = self.ioas()
         info.flags = abi.VFIO_IOMMU_INFO_PGSIZES | abi.VFIO_IOMMU_INFO_CAPS
-        info.iova_pgsizes = _DOMAIN_PGSIZES if ioas.hwpts else _NO_DOMAIN_PGSIZES
+        info.iova_pgsizes = IOVA_PGSIZES if ioas.hwpts else _NO_DOMAIN_PGSIZES
         info.cap_offset = 0
         ranges = [abi.vfio_iova_range(start=0, end=IOVA_LAST)]
         dma_avail = bytes(abi.vfio_iommu_type1_info_dma_avail(
@@ -544,7 +547,7 @@ class VfioCompat:
         if cmd.flags & abi.VFIO_DMA_UNMAP_FLAG_ALL:
             if cmd.iova or cmd.size:
                 raise VfioError(errno.EINVAL, "UNMAP_ALL takes iova 0 and size 0")
-            cmd.size = self.ctx._unmap_all(ioas)
+            cmd.size = ioas.unmap_all()
             arg.buf.write_struct(cmd, minsz)
             return 0
         if ioas.split_unmaps:  # type1: cut at both ends first (the end wraps like an unsigned long)

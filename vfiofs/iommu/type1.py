@@ -17,11 +17,10 @@ from vfiofs import abi
 from vfiofs.abi import PAGE_SIZE
 from vfiofs.core.ioctl import Ioctl, IoctlArg, IoctlTable, Style, offsetofend, place_capabilities
 from vfiofs.errors import VfioError
-from vfiofs.iommu.iommufd import IOVA_LAST, U64_MAX, Ioas, Mapping
+from vfiofs.iommu.iommufd import IOVA_LAST, IOVA_PGSIZES, U64_MAX, Ioas, Mapping
 
 TYPE1_TYPES = (abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU)
 EXTENSIONS = {abi.VFIO_TYPE1_IOMMU, abi.VFIO_TYPE1v2_IOMMU, abi.VFIO_UNMAP_ALL, abi.VFIO_DMA_CC_IOMMU}
-IOVA_PGSIZES = (1 << 12) | (1 << 21) | (1 << 30)
 DMA_ENTRY_LIMIT = 65535  # type1's default dma_entry_limit
 
 
@@ -38,10 +37,6 @@ class Type1Container:
     def iommu_set(self) -> bool:
         return self.iommu_type is not None
 
-    @property
-    def dma_target(self) -> Ioas:
-        return self.ioas
-
     def attach_group(self, group: object) -> None:
         self.groups.append(group)
 
@@ -56,8 +51,7 @@ class Type1Container:
         self.groups.remove(group)
         if not self.groups:  # "deprivileged": back to no IOMMU, mappings gone
             self.iommu_type = None
-            for mapping in list(self.ioas.mappings):
-                self.ioas.remove(mapping)
+            self.ioas.unmap_all()
 
     # -- ioctls ---------------------------------------------------------------------------------------
     def ioctl(self, request: int, arg: IoctlArg) -> int:
@@ -118,16 +112,7 @@ class Type1Container:
             raise VfioError(errno.EEXIST, "the range overlaps an existing mapping")
         if len(self.ioas.mappings) >= DMA_ENTRY_LIMIT:
             raise VfioError(errno.ENOSPC, "dma_entry_limit reached")
-        if arg.process is None:
-            raise VfioError(errno.EPERM, "the caller's process was not identified (docs/protocol.md §12)")
-        memory = arg.process()
-        try:
-            memory.check_range(cmd.vaddr, cmd.size, write=writable)
-        except VfioError:
-            memory.close()
-            raise
-        self.ioas.mappings.append(Mapping(cmd.iova, cmd.size, cmd.vaddr, readable, writable, memory))
-        self.ioas.mappings.sort(key=lambda m: m.iova)
+        self.ioas.pin(arg, cmd.iova, cmd.size, cmd.vaddr, readable, writable)
         return 0
 
     def _unmap_dma(self, arg: IoctlArg, cmd: abi.vfio_iommu_type1_dma_unmap) -> int:

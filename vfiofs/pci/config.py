@@ -55,7 +55,7 @@ PCI_EXP_DEVCTL = 0x08
 PCI_EXP_DEVCTL_BCR_FLR = 0x8000
 
 FIRST_CAPABILITY = 0x40
-HEADER_SIZE = 0x40
+PCI_CFG_SPACE_SIZE = 0x100  # conventional config space; a PCIe function's extended space follows
 
 
 def capability_length(cap: Capability) -> int:
@@ -82,7 +82,7 @@ def layout_capabilities(spec: DeviceSpec) -> list[PlacedCapability]:
     for cap in spec.capabilities:
         length = capability_length(cap)
         offset = cap.offset if cap.offset is not None else cursor
-        if offset + length > 256:
+        if offset + length > PCI_CFG_SPACE_SIZE:
             raise ValueError(f"{cap.kind} at {offset:#x} ({length} bytes) does not fit below 0x100")
         for other in placed:
             if offset < other.offset + other.length and other.offset < offset + length:
@@ -219,8 +219,9 @@ class PciConfigSpace:
         for i, byte in enumerate(data):
             mask = self.wmask[pos + i]
             self.data[pos + i] = (self.data[pos + i] & ~mask) | (byte & mask)
-        flr_byte = None if self._flr_offset is None else self._flr_offset + 1
-        if flr_byte is not None and pos <= flr_byte < pos + len(data) and data[flr_byte - pos] & 0x80:
+        flr_byte = None if self._flr_offset is None else self._flr_offset + 1  # DEVCTL's high byte: BCR_FLR
+        flr = flr_byte is not None and pos <= flr_byte < pos + len(data)
+        if flr and data[flr_byte - pos] << 8 & PCI_EXP_DEVCTL_BCR_FLR:
             if self.on_flr is not None:
                 self.on_flr()  # the FLR bit itself always reads 0
         return len(data)

@@ -30,10 +30,10 @@ from vfiofs import abi
 from vfiofs.errors import VfioError
 from vfiofs.core.ioctl import IoctlArg, offsetofend
 from vfiofs.models.spec import DeviceSpec
+from vfiofs.pci.config import PCI_COMMAND_INTX_DISABLE
 
 NONE, INTX, MSI, MSIX = "none", "intx", "msi", "msix"
 
-PCI_COMMAND_INTX_DISABLE = 0x400
 PCI_STATUS_INTERRUPT = 0x08
 PCI_MSI_FLAGS_ENABLE = 0x0001
 PCI_MSIX_FLAGS_ENABLE = 0x8000
@@ -50,6 +50,10 @@ class Trigger(Protocol):
 
     fd: int
     is_eventfd: bool
+    claimed: bool  # kept by a vector: the transport must not close it after the command
+
+    def duplicate(self) -> "Trigger":
+        """Another reference to the same eventfd (one per vector)."""
 
 
 class Config(Protocol):
@@ -75,7 +79,6 @@ class IrqController:
             abi.VFIO_PCI_ERR_IRQ_INDEX: 1 if spec.express else 0,
             abi.VFIO_PCI_REQ_IRQ_INDEX: 1,
         }
-        self.msix = msix
         self.msi = msi
         self.irq_type = NONE
         self.intx_trigger: Trigger | None = None
@@ -158,9 +161,9 @@ class IrqController:
     def _own(trigger: Trigger | None) -> Trigger | None:
         """Keep ``trigger``: the transport must not close it after the command."""
         if trigger is not None:
-            if trigger.claimed:  # type: ignore[attr-defined]
-                trigger = trigger.duplicate()  # type: ignore[attr-defined]  # one reference per vector
-            trigger.claimed = True  # type: ignore[attr-defined]
+            if trigger.claimed:
+                trigger = trigger.duplicate()  # one reference per vector
+            trigger.claimed = True
         return trigger
 
     def _drop(self, trigger: Trigger | None) -> None:
@@ -169,20 +172,21 @@ class IrqController:
 
     # -- INTx --------------------------------------------------------------------------------------------
     def _intx_mask(self, index, start, count, data_type, eventfds, bools, files) -> None:
-        if self.irq_type != INTX or start != 0 or count != 1:
-            raise VfioError(errno.EINVAL, "INTx is not enabled")
-        if data_type == abi.VFIO_IRQ_SET_DATA_EVENTFD:
-            raise VfioError(errno.ENOTTY, "masking through an eventfd is not supported")
-        if data_type == abi.VFIO_IRQ_SET_DATA_NONE or bools[0]:
+        if self._intx_mask_wanted(start, count, data_type, bools, "masking through an eventfd"):
             self.intx_masked = True
 
     def _intx_unmask(self, index, start, count, data_type, eventfds, bools, files) -> None:
+        if self._intx_mask_wanted(start, count, data_type, bools, "unmasking through an eventfd (irqfd)"):
+            self.unmask_intx()
+
+    def _intx_mask_wanted(self, start: int, count: int, data_type: int, bools: list[int], eventfd_use: str) -> bool:
+        """vfio_pci_set_intx_mask/unmask: INTx enabled and its one vector (EINVAL), no eventfd
+        (ENOTTY); whether to act (DATA_NONE, or a true DATA_BOOL)."""
         if self.irq_type != INTX or start != 0 or count != 1:
             raise VfioError(errno.EINVAL, "INTx is not enabled")
         if data_type == abi.VFIO_IRQ_SET_DATA_EVENTFD:
-            raise VfioError(errno.ENOTTY, "unmasking through an eventfd (irqfd) is not supported")
-        if data_type == abi.VFIO_IRQ_SET_DATA_NONE or bools[0]:
-            self.unmask_intx()
+            raise VfioError(errno.ENOTTY, f"{eventfd_use} is not supported")
+        return data_type == abi.VFIO_IRQ_SET_DATA_NONE or bool(bools[0])
 
     def _intx_trigger(self, index, start, count, data_type, eventfds, bools, files) -> None:
         if self.irq_type == INTX and count == 0 and data_type == abi.VFIO_IRQ_SET_DATA_NONE:
@@ -276,13 +280,17 @@ class IrqController:
             control = (control & ~PCI_MSIX_FLAGS_ENABLE) | (PCI_MSIX_FLAGS_ENABLE if on else 0)
         config.data[at + 2 : at + 4] = control.to_bytes(2, "little")
 
+    def _msi_bits(self, pending: bool) -> tuple[Config, int]:
+        """Config space and where the mask (or pending) bits of a maskable MSI capability are."""
+        config = self._config()
+        at = config.capability_offset("msi")
+        assert at is not None and self.msi is not None and self.msi.maskable
+        return config, at + (16 if self.msi.address64 else 12) + (4 if pending else 0)
+
     def _msi_masked(self, vector: int) -> bool:
         if not (self.msi and self.msi.maskable):
             return False
-        config = self._config()
-        at = config.capability_offset("msi")
-        assert at is not None
-        mask_at = at + (16 if self.msi.address64 else 12)
+        config, mask_at = self._msi_bits(pending=False)
         return bool(int.from_bytes(config.data[mask_at : mask_at + 4], "little") >> vector & 1)
 
     def raise_irq(self, index: int, vector: int = 0) -> None:
@@ -303,20 +311,14 @@ class IrqController:
             self._signal(self.req_trigger)
 
     def _set_msi_pending(self, vector: int) -> None:
-        config = self._config()
-        at = config.capability_offset("msi")
-        assert at is not None and self.msi is not None
-        pending_at = at + (20 if self.msi.address64 else 16)
+        config, pending_at = self._msi_bits(pending=True)
         value = int.from_bytes(config.data[pending_at : pending_at + 4], "little") | 1 << vector
         config.data[pending_at : pending_at + 4] = value.to_bytes(4, "little")
 
     def deliver_unmasked(self) -> None:
         """After an MSI mask bit changed: send what became deliverable (the pending bits)."""
         if self.irq_type == MSI and self.msi is not None and self.msi.maskable:
-            config = self._config()
-            at = config.capability_offset("msi")
-            assert at is not None
-            pending_at = at + (20 if self.msi.address64 else 16)
+            config, pending_at = self._msi_bits(pending=True)
             pending = int.from_bytes(config.data[pending_at : pending_at + 4], "little")
             for vector, trigger in enumerate(self.vectors):
                 if pending >> vector & 1 and not self._msi_masked(vector):

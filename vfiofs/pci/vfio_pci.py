@@ -24,7 +24,8 @@ from vfiofs.core.ioctl import Capability, Ioctl, IoctlArg, IoctlTable, Style, of
 from vfiofs.errors import VfioError
 from vfiofs.pci.irq import IRQ_INFO_MINSZ, IRQ_SET_MINSZ, IrqController, Trigger
 from vfiofs.models.api import DeviceModel
-from vfiofs.pci.config import PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY, PciConfigSpace, rom_bar_size
+from vfiofs.pci.config import (PCI_CFG_SPACE_SIZE, PCI_COMMAND_INTX_DISABLE, PCI_COMMAND_IO, PCI_COMMAND_MEMORY,
+                               PciConfigSpace, rom_bar_size)
 from vfiofs.abi import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,14 @@ def call_model(what: str, hook: Callable[..., T], *args: object) -> T:
         raise VfioError(errno.EIO, f"device model failed in {what}") from None
 
 
-PCI_CFG_SPACE_SIZE = 0x100  # conventional config space; a PCIe function's extended space follows
+def model_bytes(what: str, data: object, size: int) -> bytes:
+    """A model's answer to a read of ``size`` bytes; anything else is EIO (logged)."""
+    if type(data) is bytes and len(data) == size:  # the usual case, kept cheap
+        return data
+    if not isinstance(data, (bytes, bytearray)) or len(data) != size:
+        log.error("device model returned a wrong-sized %s (wanted %d bytes)", what, size)
+        raise VfioError(errno.EIO, f"device model returned a wrong-sized {what}")
+    return bytes(data)
 
 
 def _dword_pieces(start: int, end: int) -> list[tuple[int, int]]:
@@ -316,29 +324,11 @@ class VfioPciDevice:
                 if what is None:  # the MSI-X table and the (read-only) PBA drop the write
                     call_model("bar_write", self.model.bar_write, index, lo, data[lo - pos : hi - pos])
             return count
-        try:
-            self.model.bar_write(index, pos, data)
-        except VfioError:
-            raise
-        except Exception:
-            log.exception("device model failed in bar_write")
-            raise VfioError(errno.EIO, "device model failed in bar_write") from None
+        call_model("bar_write", self.model.bar_write, index, pos, data)
         return count
 
     def _bar_read(self, index: int, pos: int, count: int) -> bytes:
-        try:
-            data = self.model.bar_read(index, pos, count)
-        except VfioError:
-            raise
-        except Exception:
-            log.exception("device model failed in bar_read")
-            raise VfioError(errno.EIO, "device model failed in bar_read") from None
-        if type(data) is not bytes or len(data) != count:
-            if not isinstance(data, (bytes, bytearray)) or len(data) != count:
-                log.error("device model returned a wrong-sized read (wanted %d bytes)", count)
-                raise VfioError(errno.EIO, "device model returned a wrong-sized read")
-            data = bytes(data)
-        return data
+        return model_bytes("read", call_model("bar_read", self.model.bar_read, index, pos, count), count)
 
     def _msix_overlap(self, index: int, pos: int, count: int) -> bool:
         return any(lo < pos + count and pos < hi for lo, hi, _ in self._msix_ranges[index])
@@ -363,11 +353,7 @@ class VfioPciDevice:
         return pieces
 
     def _extended_read(self, offset: int, size: int) -> bytes:
-        data = call_model("config_read", self.model.config_read, offset, size)
-        if not isinstance(data, (bytes, bytearray)) or len(data) != size:
-            log.error("device model returned a wrong-sized config read (wanted %d bytes)", size)
-            raise VfioError(errno.EIO, "device model returned a wrong-sized config read")
-        return bytes(data)
+        return model_bytes("config read", call_model("config_read", self.model.config_read, offset, size), size)
 
     def _config_write(self, pos: int, data: bytes) -> int:
         """Config writes, plus what they mean for interrupts (vfio_basic_config_write & co).
