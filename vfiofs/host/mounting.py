@@ -360,10 +360,12 @@ def launch(command: Sequence[str], mountpoint: PathLike, *, ready_fd_option: str
 def _read_report(fd: int, timeout: float | None) -> tuple[str, bool]:
     """The first line the child writes on ``fd`` ("" at EOF), and whether ``timeout`` ran out first."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    readable = select.poll()  # poll, not select: the caller's descriptors may go past FD_SETSIZE
+    readable.register(fd, select.POLLIN)
     data = b""
     while b"\n" not in data:
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and (left <= 0 or not select.select([fd], [], [], left)[0]):
+        if left is not None and (left <= 0 or not readable.poll(left * 1000)):
             return "", True
         chunk = os.read(fd, 4096)
         if not chunk:
