@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import pytest
 
 from vfiofs.host import mounting
-from vfiofs.host.mounting import MountFailed, MountProcess, is_mounted, last_message
+from vfiofs.host.mounting import MountFailed, MountProcess, exit_description, is_mounted, last_message
 
 if TYPE_CHECKING:
     from vfiofs.client import IommuFd, VfioDevice
@@ -203,7 +202,7 @@ def vfiofs(request: pytest.FixtureRequest) -> Iterator[VfiofsMount]:
         yield mount
         code = daemon.returncode
         if code:
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            how = f"was {exit_description(code)}" if code < 0 else f"exited with {exit_description(code)}"
             died = f"the vfiofs daemon {how} during the test (its last message: {_last_line(log)})"
     finally:
         try:

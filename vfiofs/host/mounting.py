@@ -151,14 +151,15 @@ class MountFailed(RuntimeError):
             reason = reported
         else:
             reason = (f"no ready report within {timeout:.0f} s" if timed_out
-                      else f"the daemon exited ({_status(returncode)}) before the mount was ready")
+                      else f"the daemon exited ({exit_description(returncode)}) before the mount was ready")
             if last_message:
                 reason += f"; its last message: {last_message}"
         self.reason = reason
         super().__init__(f"cannot mount {mountpoint}: {reason}")
 
 
-def _status(returncode: int | None) -> str:
+def exit_description(returncode: int | None) -> str:
+    """A child's returncode in words: "status 3", "killed by SIGKILL", "killed by signal 36"."""
     if returncode is None:
         return "still running"
     if returncode < 0:
