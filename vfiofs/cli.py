@@ -399,21 +399,24 @@ class _Signalled(Exception):
         self.signum = signum
 
 
+def _other_preloads(environ: Mapping[str, str], library: Path) -> list[str]:
+    """What LD_PRELOAD names besides ``library`` (entries separated by colons or spaces, as ld.so reads them)."""
+    return [entry for entry in environ.get("LD_PRELOAD", "").replace(" ", ":").split(":")
+            if entry and entry != str(library)]
+
+
 def preload_environment(environ: Mapping[str, str], library: Path, mountpoint: Path) -> dict[str, str]:
     """CMD's environment: the library first in LD_PRELOAD (before what the user preloads), the mount."""
     env = dict(environ)
-    rest = [entry for entry in env.get("LD_PRELOAD", "").replace(" ", ":").split(":")
-            if entry and entry != str(library)]
-    env["LD_PRELOAD"] = ":".join([str(library), *rest])
+    env["LD_PRELOAD"] = ":".join([str(library), *_other_preloads(environ, library)])
     env["VFIOFS_MOUNT"] = str(mountpoint)
     return env
 
 
 def without_preload(environ: Mapping[str, str], library: Path) -> dict[str, str]:
     """The daemon's environment: not preloaded, even inside another vfiofs run."""
-    env = {key: value for key, value in environ.items() if key != "VFIOFS_MOUNT"}
-    rest = [entry for entry in env.pop("LD_PRELOAD", "").replace(" ", ":").split(":")
-            if entry and entry != str(library)]
+    env = {key: value for key, value in environ.items() if key not in ("VFIOFS_MOUNT", "LD_PRELOAD")}
+    rest = _other_preloads(environ, library)
     if rest:
         env["LD_PRELOAD"] = ":".join(rest)
     return env

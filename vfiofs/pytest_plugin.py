@@ -51,7 +51,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -61,7 +60,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import pytest
 
 from vfiofs.host import mounting
-from vfiofs.host.mounting import MountFailed, MountProcess, is_mounted, last_message
+from vfiofs.host.mounting import MountFailed, MountProcess, exit_description, is_mounted, last_message
 
 if TYPE_CHECKING:
     from vfiofs.client import IommuFd, VfioDevice
@@ -102,19 +101,22 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 class VfiofsMount:
     """A running vfiofs mount of one test (the ``vfiofs`` fixture's value)."""
 
-    def __init__(self, path: Path, definitions: Path, state_dir: Path, log: Path,
-                 process: subprocess.Popen, daemon: MountProcess | None = None) -> None:
+    def __init__(self, path: Path, definitions: Path, state_dir: Path, log: Path, daemon: MountProcess) -> None:
         self.path = path
         self.definitions = definitions
         self.state_dir = state_dir
         self.log = log
-        self.process = process
         self._daemon = daemon  # stops the daemon and clears the mount at teardown
         self._iommufd: IommuFd | None = None
         self._bound: list[VfioDevice] = []
 
     def __repr__(self) -> str:
         return f"<VfiofsMount {self.path} pid={self.process.pid}>"
+
+    @property
+    def process(self) -> subprocess.Popen:
+        """The daemon's process."""
+        return self._daemon.process
 
     @property
     def iommu(self) -> Path:
@@ -160,7 +162,7 @@ class VfiofsMount:
         return device
 
     def alive(self) -> bool:
-        return self.process.poll() is None
+        return self._daemon.alive()
 
     def log_tail(self, lines: int = LOG_LINES) -> str:
         try:
@@ -198,12 +200,12 @@ def vfiofs(request: pytest.FixtureRequest) -> Iterator[VfiofsMount]:
         definitions, origins = _definitions(item.get_closest_marker(MARK_DEVICES), base, here)
         pythonpath = _pythonpath(item.get_closest_marker(MARK_PYTHONPATH), here)
         daemon = _start(mountpoint, definitions, state_dir, log, pythonpath, base, origins)
-        mount = VfiofsMount(mountpoint, definitions, state_dir, log, daemon.process, daemon)
+        mount = VfiofsMount(mountpoint, definitions, state_dir, log, daemon)
         item.stash[_ACTIVE] = mount
         yield mount
         code = daemon.returncode
         if code:
-            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+            how = f"was {exit_description(code)}" if code < 0 else f"exited with {exit_description(code)}"
             died = f"the vfiofs daemon {how} during the test (its last message: {_last_line(log)})"
     finally:
         try:
@@ -211,7 +213,7 @@ def vfiofs(request: pytest.FixtureRequest) -> Iterator[VfiofsMount]:
                 mount._close_handles()
         finally:
             try:
-                if mount is not None and mount._daemon is not None:
+                if mount is not None:
                     mount._daemon.stop(STOP_TIMEOUT)
             finally:
                 if _ACTIVE in item.stash:

@@ -43,6 +43,14 @@ def pwrite(dev: VfioDevice, offset: int, value: int, size: int = 4) -> None:
     assert os.pwrite(dev.fd, value.to_bytes(size, "little"), offset) == size
 
 
+@pytest.fixture
+def efd():
+    """A non-blocking eventfd for one interrupt, closed after the test."""
+    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
 def wait(efd: int, timeout: float = 5.0) -> int:
     ready, _, _ = select.select([efd], [], [], timeout)
     assert ready, "no interrupt"
@@ -102,49 +110,41 @@ def test_mount_registers(bound):
     assert pread(bound, 0x08) == 3628800
 
 
-def test_mount_factorial_by_msi(bound):
-    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        bound.enable_irq_eventfds(MSI, [efd])
-        pwrite(bound, 0x20, 0x80)
-        pwrite(bound, 0x08, 13)
-        assert wait(efd) == 1
-        assert pread(bound, 0x20) == 0x80
-        assert pread(bound, 0x08) == 0x7328CC00
-        assert pread(bound, 0x24) == 0x1
-        pwrite(bound, 0x64, 0x1)
-        assert pread(bound, 0x24) == 0
-        pwrite(bound, 0x60, 0x8)  # raise by hand: one message per write
-        pwrite(bound, 0x60, 0x8)
-        assert pread(bound, 0x24) == 0x8
-        assert wait(efd) == 2
-        pwrite(bound, 0x64, 0x8)
-        assert pending(efd) == 0
-    finally:
-        os.close(efd)
+def test_mount_factorial_by_msi(bound, efd):
+    bound.enable_irq_eventfds(MSI, [efd])
+    pwrite(bound, 0x20, 0x80)
+    pwrite(bound, 0x08, 13)
+    assert wait(efd) == 1
+    assert pread(bound, 0x20) == 0x80
+    assert pread(bound, 0x08) == 0x7328CC00
+    assert pread(bound, 0x24) == 0x1
+    pwrite(bound, 0x64, 0x1)
+    assert pread(bound, 0x24) == 0
+    pwrite(bound, 0x60, 0x8)  # raise by hand: one message per write
+    pwrite(bound, 0x60, 0x8)
+    assert pread(bound, 0x24) == 0x8
+    assert wait(efd) == 2
+    pwrite(bound, 0x64, 0x8)
+    assert pending(efd) == 0
 
 
-def test_mount_factorial_by_intx(bound):
-    efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    try:
-        bound.enable_irq_eventfds(INTX, [efd])
-        pwrite(bound, 0x20, 0x80)
-        pwrite(bound, 0x08, 5)
-        assert wait(efd) == 1
-        assert pread(bound, 0x08) == 120 and pread(bound, 0x24) == 0x1
-        status = int.from_bytes(bound.read(CFG, 0x06, 2), "little")
-        assert status & 0x0008  # PCI_STATUS_INTERRUPT: the line is asserted
-        bound.unmask_intx()  # still asserted: it signals again (a level)
-        assert wait(efd) == 1
-        pwrite(bound, 0x64, 0x1)  # ack: the line drops
-        assert not int.from_bytes(bound.read(CFG, 0x06, 2), "little") & 0x0008
-        bound.unmask_intx()
-        assert pending(efd) == 0
-        pwrite(bound, 0x60, 0x2)  # and rises again by hand
-        assert wait(efd) == 1
-        pwrite(bound, 0x64, 0x2)
-    finally:
-        os.close(efd)
+def test_mount_factorial_by_intx(bound, efd):
+    bound.enable_irq_eventfds(INTX, [efd])
+    pwrite(bound, 0x20, 0x80)
+    pwrite(bound, 0x08, 5)
+    assert wait(efd) == 1
+    assert pread(bound, 0x08) == 120 and pread(bound, 0x24) == 0x1
+    status = int.from_bytes(bound.read(CFG, 0x06, 2), "little")
+    assert status & 0x0008  # PCI_STATUS_INTERRUPT: the line is asserted
+    bound.unmask_intx()  # still asserted: it signals again (a level)
+    assert wait(efd) == 1
+    pwrite(bound, 0x64, 0x1)  # ack: the line drops
+    assert not int.from_bytes(bound.read(CFG, 0x06, 2), "little") & 0x0008
+    bound.unmask_intx()
+    assert pending(efd) == 0
+    pwrite(bound, 0x60, 0x2)  # and rises again by hand
+    assert wait(efd) == 1
+    pwrite(bound, 0x64, 0x2)
 
 
 def test_mount_close_resets_the_device(mount):

@@ -195,6 +195,27 @@ def test_unmounted_after_keyboard_interrupt(pytester: pytest.Pytester) -> None:
     assert len(mounts(pytester)) == 1
 
 
+def test_a_daemon_that_dies_during_the_test_fails_its_teardown(pytester: pytest.Pytester) -> None:
+    write_tests(pytester, """
+        import signal
+
+        @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGRTMIN + 2])
+        def test_killed(vfiofs, signum):
+            record(vfiofs)
+            os.kill(vfiofs.process.pid, signum)
+            vfiofs.process.wait()
+    """)
+    result = run(pytester)
+    result.assert_outcomes(passed=2, errors=2)
+    rt = int(__import__("signal").SIGRTMIN) + 2
+    result.stdout.fnmatch_lines_random([
+        "*the vfiofs daemon was killed by SIGKILL during the test (its last message: *",
+        f"*the vfiofs daemon was killed by signal {rt} during the test (its last message: *",
+    ])
+    assert "Traceback" not in result.stdout.str()
+    assert len(set(mounts(pytester))) == 2
+
+
 def test_mount_failure_is_one_line(pytester: pytest.Pytester) -> None:
     write_tests(pytester, """
         @pytest.mark.vfiofs_devices({"bad": '[[bar]]\\nindex = 0\\nsize = 1000\\n'})

@@ -25,6 +25,7 @@ import stat
 import struct
 import subprocess
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -145,6 +146,15 @@ def capabilities(pid: int) -> tuple[set[str], bool]:
     if effective & ~sum(1 << bit for bit in CAPABILITIES.values()):
         held.add("others")
     return held, status.get("NoNewPrivs", "0").strip() == "1"
+
+
+def _stops_on_sigterm(process: subprocess.Popen, listener: NotifySocket, mnt: Path,
+                      mounted: Callable[[Path], bool] = is_mounted, log: Path | None = None) -> None:
+    """systemctl stop: SIGTERM, STOPPING=1 from the main process, a clean exit, the mount gone."""
+    process.send_signal(signal.SIGTERM)
+    assert listener.receive(30) == ("STOPPING=1", process.pid)
+    assert process.wait(timeout=30) == 0, log.read_text() if log is not None else None
+    assert not mounted(mnt)
 
 
 def _stop(process: subprocess.Popen, mnt: Path) -> None:
@@ -276,10 +286,7 @@ def test_system_unit_is_ready_only_once_the_mount_answers(tmp_path):
         assert {"allow_other", "default_permissions"} <= set(find_mount(mnt).options)
         assert capabilities(process.pid) == ({"CAP_SYS_ADMIN", "CAP_SYS_PTRACE", "CAP_DAC_OVERRIDE"}, True)
 
-        process.send_signal(signal.SIGTERM)  # systemctl stop
-        assert listener.receive(30) == ("STOPPING=1", process.pid)
-        assert process.wait(timeout=30) == 0
-        assert not is_mounted(mnt)
+        _stops_on_sigterm(process, listener, mnt)
     finally:
         _stop(process, mnt)
         listener.close()
@@ -313,10 +320,7 @@ def test_system_unit_restarts_over_the_stale_mount_of_a_crash(tmp_path):
         assert message.startswith("READY=1") and sender == process.pid
         assert sorted(os.listdir(mnt / "vfio/devices")) == BUNDLED_DEVICES
         assert f"vfiofs: {mnt} was a stale mount (daemon gone); cleaned it up and mounting again" in log.read_text()
-        process.send_signal(signal.SIGTERM)
-        assert listener.receive(30)[0] == "STOPPING=1"
-        assert process.wait(timeout=30) == 0
-        assert not is_mounted(mnt)
+        _stops_on_sigterm(process, listener, mnt)
     finally:
         _stop(process, mnt)
         listener.close()
@@ -355,10 +359,7 @@ print("ok")
         assert outsider.returncode != 0 and "Permission denied" in outsider.stderr
         container = run_as(NOBODY, NOBODY, ["sh", "-c", 'exec 3<>"$1"', "sh", str(mnt / "vfio/vfio")])
         assert container.returncode == 0, container.stderr
-        process.send_signal(signal.SIGTERM)
-        assert listener.receive(30)[0] == "STOPPING=1"
-        assert process.wait(timeout=30) == 0
-        assert not mounted_here(mnt)
+        _stops_on_sigterm(process, listener, mnt, mounted=mounted_here)
     finally:
         _stop(process, mnt)
 
@@ -410,10 +411,8 @@ print(sorted(os.listdir(sys.argv[1] + "/vfio/devices")), st.st_uid, oct(stat.S_I
         assert message.splitlines()[0] == "READY=1" and sender == process.pid, message
         assert look.returncode == 0, look.stderr
         assert look.stdout.split() == ["['vfio0']", str(user.pw_uid), "0o600"]  # from work.env
-        process.send_signal(signal.SIGTERM)  # systemctl --user stop vfiofs@work
-        assert listener.receive(30) == ("STOPPING=1", process.pid)
-        assert process.wait(timeout=30) == 0, (where / "user-daemon.log").read_text()
-        assert not mounted_here(mnt)  # unmounted through fusermount3 -u
+        # systemctl --user stop vfiofs@work; unmounted through fusermount3 -u
+        _stops_on_sigterm(process, listener, mnt, mounted=mounted_here, log=where / "user-daemon.log")
     finally:
         if process.poll() is None:
             process.kill()

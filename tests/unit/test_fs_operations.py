@@ -303,13 +303,32 @@ async def test_server_bug_in_read_and_write_is_eio(ops, server, monkeypatch, cap
 
     monkeypatch.setattr(server, "read", broken)
     monkeypatch.setattr(server, "write", broken)
+    monkeypatch.setattr(server, "fsync", broken)
     with caplog.at_level(logging.ERROR, logger="vfiofs.fs.operations"):
         assert await fuse_errno(ops.read(fh, 0, 4)) == errno.EIO
         assert await fuse_errno(ops.write(fh, 0, b"x")) == errno.EIO
+        assert await fuse_errno(ops.fsync(fh, False)) == errno.EIO
     assert [r.getMessage() for r in caplog.records if r.name == "vfiofs.fs.operations"] == [
         "internal error in read",
         "internal error in write",
+        "internal error in fsync",
     ]
+
+
+async def test_fuse_error_from_an_open_file_is_the_reply_unlogged(ops, server, monkeypatch, caplog):
+    """A FUSEError an open file raises is answered as it is: its errno, no internal-error log."""
+    fh = (await ops.open(VFIO0, 0, CTX)).fh
+
+    def busy(*args):
+        raise pyfuse3.FUSEError(errno.EAGAIN)
+
+    for name in ("read", "write", "fsync"):
+        monkeypatch.setattr(server, name, busy)
+    with caplog.at_level(logging.DEBUG, logger="vfiofs.fs.operations"):
+        assert await fuse_errno(ops.read(fh, 0, 4)) == errno.EAGAIN
+        assert await fuse_errno(ops.write(fh, 0, b"x")) == errno.EAGAIN
+        assert await fuse_errno(ops.fsync(fh, False)) == errno.EAGAIN
+    assert not [r for r in caplog.records if r.name == "vfiofs.fs.operations" and r.levelno >= logging.ERROR]
 
 
 async def test_server_bug_in_open_is_eio(ops, server, monkeypatch):

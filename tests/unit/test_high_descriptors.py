@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vfiofs.host import eventfd, procmem
+from vfiofs.host import eventfd, mounting, procmem
 
 HIGH = 1500
 
@@ -54,3 +54,18 @@ def test_a_pidfd_numbered_past_fd_setsize_tells_alive_from_exited(high):
     assert pidfd >= 1024 and not procmem.alive(pidfd)
     mine = high(os.pidfd_open(os.getpid()))
     assert procmem.alive(mine)
+
+
+def test_a_ready_pipe_numbered_past_fd_setsize_is_read(high):
+    """A process starting a mount may itself hold many descriptors (a test with many clients):
+    the daemon's ready report still arrives, and silence still times out."""
+    read_end, write_end = os.pipe()
+    try:
+        report = high(read_end)
+        assert report >= 1024
+        assert mounting._read_report(report, 0.05) == ("", True)
+        os.write(write_end, b"ready\n")
+        assert mounting._read_report(report, 5.0) == ("ready", False)
+    finally:
+        os.close(read_end)
+        os.close(write_end)

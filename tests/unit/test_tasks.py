@@ -97,3 +97,36 @@ async def test_trio_timer_cancelled_before_it_starts(autojump_clock):
         scheduler.spawn(trio.sleep_forever).cancel()  # cancelled before the nursery started it
         scheduler.call_later(1, ran.append, "ran")
     assert ran == ["ran"]
+
+
+def test_the_context_holds_only_pending_timers():
+    """Timers that ran or were cancelled are let go: a model that starts a timer per register
+    write (edu's factorial) must not make every later call_later slower, nor grow for ever."""
+    clock = ManualScheduler()
+    context = ModelContext.standalone(SPEC, clock)
+    fired: list[int] = []
+    for i in range(1000):
+        context.call_later(0, fired.append, i)
+        clock.advance(0)
+    dropped = context.call_later(5, fired.append, -1)
+    dropped.cancel()
+    pending = context.call_later(1, fired.append, -2)
+    assert fired == list(range(1000)) and context._timers == {pending}
+    context.cancel_timers()
+    assert pending.cancelled and context._timers == set()
+    assert clock.advance(10) == 0 and fired == list(range(1000))
+
+
+async def test_a_finished_task_leaves_the_context(autojump_clock):
+    done: list[str] = []
+    async with trio.open_nursery() as nursery:
+        context = ModelContext.standalone(SPEC, TrioScheduler(nursery))
+
+        async def task() -> None:
+            await trio.sleep(1)
+            done.append("task")
+
+        running = context.spawn(task)
+        assert context._timers == {running}
+        await trio.sleep(2)
+        assert done == ["task"] and context._timers == set()

@@ -30,6 +30,9 @@ LAST_FH = (1 << 64) - 1  # FUSE's fh is a uint64_t
 
 
 def _failure(exc: BaseException, what: str, fh: int = 0, off: int = 0) -> pyfuse3.FUSEError:
+    """The reply for a handler's exception: a FUSEError as it is, a VfioError's errno, else a logged EIO."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
     if isinstance(exc, VfioError):
         if log.isEnabledFor(logging.DEBUG):
             log.debug("%s fh=%d off=%#x -> %s", what, fh, off, exc)
@@ -107,8 +110,6 @@ class VfioOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         try:
             file = node.opener(flags, ctx)
-        except pyfuse3.FUSEError:
-            raise
         except Exception as exc:
             raise _failure(exc, "open") from None
         if not isinstance(file, VfioHandle):
@@ -122,8 +123,6 @@ class VfioOperations(pyfuse3.Operations):
     async def read(self, fh: int, off: int, size: int) -> bytes:
         try:
             data = self._files.get(fh, NO_FILE).read(off, size)
-        except pyfuse3.FUSEError:
-            raise
         except Exception as exc:
             raise _failure(exc, "read", fh, off) from None
         if self.trace:
@@ -133,8 +132,6 @@ class VfioOperations(pyfuse3.Operations):
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         try:
             written = self._files.get(fh, NO_FILE).write(off, buf)
-        except pyfuse3.FUSEError:
-            raise
         except Exception as exc:
             raise _failure(exc, "write", fh, off) from None
         if self.trace:
@@ -144,8 +141,6 @@ class VfioOperations(pyfuse3.Operations):
     async def poll(self, inode: int, fh: int, poll_handle, ctx: pyfuse3.RequestContext) -> int:
         try:
             return self._files.get(fh, NO_FILE).poll(poll_handle)
-        except pyfuse3.FUSEError:
-            raise
         except Exception as exc:
             raise _failure(exc, "poll", fh) from None
 
@@ -155,8 +150,6 @@ class VfioOperations(pyfuse3.Operations):
     async def fsync(self, fh: int, datasync: bool) -> None:
         try:
             self._files.get(fh, NO_FILE).fsync()
-        except pyfuse3.FUSEError:
-            raise
         except Exception as exc:
             raise _failure(exc, "fsync", fh) from None
 

@@ -80,11 +80,20 @@ def build_server(definitions: Sequence[Definition], state_dir: Path | None = Non
                                                 release=eventfd.release),
                                   group, bdf=sysfs.bdf(index)))
     except (StateFileError, ValueError) as exc:
-        for device in devices:
-            device.driver.model.shutdown()
+        _shut_down(devices)
         raise MountError(str(exc)) from None
+    except Exception as exc:  # e.g. a Python model's constructor failed: one line, not a traceback
+        log.debug("building %s", definition.name, exc_info=True)
+        _shut_down(devices)
+        raise MountError(f"{definition.name}: cannot build the device (model {definition.model}): "
+                         f"{type(exc).__name__}: {exc}") from None
     return Mailbox(devices, iommufd=IommufdContext, container=Type1Container, channel=FdChannel(),
                    send_fd=fdpass.send_fd, open_memory=ProcessMemory.open, clock=time.time)
+
+
+def _shut_down(devices: Sequence[Device]) -> None:
+    for device in devices:
+        device.driver.model.shutdown()
 
 
 def keep_large_allocations_on_the_heap() -> None:

@@ -168,9 +168,7 @@ class FdChannel:
         while True:
             try:
                 conn, _ = self.sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
+            except OSError:  # nobody waiting (BlockingIOError) or the socket failed: nothing to collect
                 return
             with conn:
                 conn.setblocking(False)
@@ -192,7 +190,7 @@ class FdChannel:
         while True:
             try:
                 message, fds, _flags, _addr = socket.recv_fds(conn, 4096, MAX_FDS_PER_MESSAGE)
-            except (BlockingIOError, InterruptedError, OSError):
+            except OSError:  # nothing more queued (BlockingIOError) or the connection failed
                 return
             if not message and not fds:
                 return  # the client is done

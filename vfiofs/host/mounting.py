@@ -151,14 +151,15 @@ class MountFailed(RuntimeError):
             reason = reported
         else:
             reason = (f"no ready report within {timeout:.0f} s" if timed_out
-                      else f"the daemon exited ({_status(returncode)}) before the mount was ready")
+                      else f"the daemon exited ({exit_description(returncode)}) before the mount was ready")
             if last_message:
                 reason += f"; its last message: {last_message}"
         self.reason = reason
         super().__init__(f"cannot mount {mountpoint}: {reason}")
 
 
-def _status(returncode: int | None) -> str:
+def exit_description(returncode: int | None) -> str:
+    """A child's returncode in words: "status 3", "killed by SIGKILL", "killed by signal 36"."""
     if returncode is None:
         return "still running"
     if returncode < 0:
@@ -360,10 +361,12 @@ def launch(command: Sequence[str], mountpoint: PathLike, *, ready_fd_option: str
 def _read_report(fd: int, timeout: float | None) -> tuple[str, bool]:
     """The first line the child writes on ``fd`` ("" at EOF), and whether ``timeout`` ran out first."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    readable = select.poll()  # poll, not select: the caller's descriptors may go past FD_SETSIZE
+    readable.register(fd, select.POLLIN)
     data = b""
     while b"\n" not in data:
         left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and (left <= 0 or not select.select([fd], [], [], left)[0]):
+        if left is not None and (left <= 0 or not readable.poll(left * 1000)):
             return "", True
         chunk = os.read(fd, 4096)
         if not chunk:

@@ -1,3 +1,3 @@
-"""Device models: the model boundary (api.py, documented in docs/models.md), the definition
-loader (definitions.py), the built-in models (registry.py: edu.py, uart.py) and their pure
-helpers (spec.py, registers.py, timers.py)."""
+"""Device models: the model boundary (api.py, documented in docs/models.md), the built-in
+models (registry.py: edu.py, uart.py, ioat.py) and their pure helpers (spec.py, registers.py,
+timers.py). The definition loader that builds them is vfiofs.host.definitions."""

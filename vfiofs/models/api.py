@@ -25,6 +25,7 @@ logged and reported to the caller as EIO — it never takes the daemon down.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 from typing import Any, Awaitable, Callable, ClassVar, Mapping, Protocol
 
@@ -154,7 +155,7 @@ class ModelContext:
         self._interrupts: InterruptSink = InterruptSink()
         self._dma: DmaPort = DmaPort()
         self._scheduler: Scheduler = scheduler if scheduler is not None else ManualScheduler()
-        self._timers: list[Timer] = []
+        self._timers: set[Timer] = set()  # pending: a timer leaves when it runs or is cancelled
         self._host_watchers: list[Callable[[], None]] = []
 
     @classmethod
@@ -188,22 +189,38 @@ class ModelContext:
     # -- time (model side) --------------------------------------------------------------------------
     def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> Timer:
         """Run ``fn(*args)`` after ``delay`` seconds, until :meth:`cancel_timers`."""
-        self._timers = [t for t in self._timers if not t.cancelled]
-        timer = self._scheduler.call_later(delay, fn, *args)
-        self._timers.append(timer)
+        @functools.wraps(fn)
+        def fire(*args: Any) -> None:
+            self._timers.discard(timer)
+            fn(*args)
+
+        timer = self._scheduler.call_later(delay, fire, *args)
+        self._track(timer)
         return timer
 
     def spawn(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Timer:
         """Run ``await fn(*args)`` in the background (needs the daemon's loop), until :meth:`cancel_timers`."""
-        timer = self._scheduler.spawn(fn, *args)
-        self._timers.append(timer)
+        @functools.wraps(fn)
+        async def run(*args: Any) -> None:
+            try:
+                await fn(*args)
+            finally:
+                self._timers.discard(timer)
+
+        timer = self._scheduler.spawn(run, *args)
+        self._track(timer)
         return timer
+
+    def _track(self, timer: Timer) -> None:
+        """Hold ``timer`` for :meth:`cancel_timers` (and let go of those cancelled one by one)."""
+        self._timers = {t for t in self._timers if not t.cancelled}
+        self._timers.add(timer)
 
     def cancel_timers(self) -> None:
         """Cancel every timer and task started through this context."""
-        for timer in self._timers:
+        timers, self._timers = self._timers, set()
+        for timer in timers:
             timer.cancel()
-        self._timers = []
 
     # -- host port (model side) ---------------------------------------------------------------------
     def host_port_changed(self) -> None:

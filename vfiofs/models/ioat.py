@@ -80,8 +80,8 @@ is written back to CHANCMP; with ERR_INT_EN the channel interrupt fires as above
 Where vfiofs differs from the hardware, on purpose:
 
 * **Extended config space.** The real function reports errors in config space too
-  (DMAUNCERRSTS at 0x148, CHANERR_INT at 0x180, both W1C). The model API has no config-space
-  hook, so both read 0 (the 4 KiB PCIe config space answers them) and writes change nothing.
+  (DMAUNCERRSTS at 0x148, CHANERR_INT at 0x180, both W1C). This model does not implement
+  them: the inherited ``config_read`` / ``config_write`` make both read 0 and writes change nothing.
 * **Timing.** Descriptors run on the daemon's loop :attr:`IoatDevice.start_delay` seconds
   after the kick (default 0: the next loop iteration, so ACTIVE is observable), at most
   :attr:`IoatDevice.batch` per loop iteration (:attr:`IoatDevice.batch_delay` apart) so
