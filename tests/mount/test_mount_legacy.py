@@ -52,6 +52,7 @@ def test_container_ioctls(legacy):
         assert container.check_extension(vc.VFIO_UNMAP_ALL) == 1
         assert container.check_extension(vc.VFIO_SPAPR_TCE_IOMMU) == 0
         assert container.check_extension(vc.VFIO_NOIOMMU_IOMMU) == 0
+        assert container.check_extension(vc.VFIO_DMA_CC_IOMMU) == 0  # no IOMMU type yet
         assert errno_of(container.set_iommu) == errno.EINVAL  # no group attached yet
         assert errno_of(container.get_info) == errno.ENOTTY  # no IOMMU type yet
         assert errno_of(os.pread, container.fd, 4, 0) == errno.EINVAL
@@ -59,6 +60,7 @@ def test_container_ioctls(legacy):
             assert errno_of(container.set_iommu, vc.VFIO_SPAPR_TCE_IOMMU) == errno.ENODEV
             container.set_iommu(vc.VFIO_TYPE1v2_IOMMU)
             assert errno_of(container.set_iommu) == errno.EINVAL  # once
+            assert container.check_extension(vc.VFIO_DMA_CC_IOMMU) == 1  # every emulated domain is coherent
             info = container.get_info()
             argsz, flags, pgsizes, cap_offset = struct.unpack_from("<IIQI", info)
             assert flags == vc.VFIO_IOMMU_INFO_PGSIZES | vc.VFIO_IOMMU_INFO_CAPS and pgsizes & PAGE

@@ -67,6 +67,8 @@ class Type1Container:
         return abi.VFIO_API_VERSION
 
     def _check_extension(self, arg: IoctlArg, _: None) -> int:
+        if arg.value == abi.VFIO_DMA_CC_IOMMU and self.iommu_type is None:
+            return 0  # type1 answers cache coherency only once it has an iommu (SET_IOMMU)
         return 1 if arg.value in EXTENSIONS else 0
 
     def _set_iommu(self, arg: IoctlArg, _: None) -> int:
