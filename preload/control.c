@@ -240,7 +240,7 @@ void vffs_fd_copy(int oldfd, int newfd)
 
 /* -- one round trip ------------------------------------------------------------------------ */
 
-static int daemon_errno(int e)
+int vffs_daemon_errno(int e)
 {
     /* FUSE answers ENOTCONN once the daemon is gone: the device went away. */
     return e == ENOTCONN || e == ECONNABORTED ? ENODEV : e;
@@ -256,7 +256,7 @@ static int read_reply(int fd, off_t slot, unsigned char *buf, uint32_t room, voi
         n = pread(fd, buf, sizeof rep + room, slot);
     while (n < 0 && errno == EINTR);
     if (n < 0)
-        return daemon_errno(errno);
+        return vffs_daemon_errno(errno);
     if ((size_t)n < sizeof rep)
         return EBADMSG;
     memcpy(&rep, buf, sizeof rep);
@@ -325,7 +325,7 @@ int vffs_transact(int fd, uint32_t op, uint32_t request, uint32_t arg_kind, uint
         memcpy(buf + sizeof req + nfds * sizeof *fds, payload, len);
     n = control_write(fd, buf, total, slot); /* the command's errno surfaces here */
     if (n < 0) {
-        err = daemon_errno(errno);
+        err = vffs_daemon_errno(errno);
         if (keep_failed && read_reply(fd, slot, buf, room, reply, reply_len, result) == 0 && failed_reply != NULL)
             *failed_reply = 1;
     } else if ((size_t)n != total) {
@@ -349,13 +349,13 @@ int vffs_resolve_fd(int own, int n, struct vffs_fdref *ref)
     ref->fd = n;
     if (sys_statx(n, "", AT_EMPTY_PATH, &a) != 0) {
         if (errno != EBADF)
-            return daemon_errno(errno);
+            return vffs_daemon_errno(errno);
         ref->kind = VFFS_FD_NOT_OPEN;
         return 0;
     }
     ref->kind = VFFS_FD_FOREIGN;
     if (sys_statx(own, "", AT_EMPTY_PATH, &b) != 0)
-        return daemon_errno(errno);
+        return vffs_daemon_errno(errno);
     if (a.stx_dev_major != b.stx_dev_major || a.stx_dev_minor != b.stx_dev_minor)
         return 0;
     if (vffs_transact(n, VFFS_OP_GET_TOKEN, 0, VFFS_ARG_NULL, 0, NULL, 0, NULL, 0, ref->token, VFFS_TOKEN_SIZE,

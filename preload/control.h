@@ -53,6 +53,10 @@ enum node_kind vffs_node_kind(int fd);
 /* The canonical mount root (realpath of $VFIOFS_MOUNT), or NULL. */
 const char *vffs_root(void);
 
+/* The errno for a failed system call on a node: ENODEV once the daemon is gone (FUSE's
+ * ENOTCONN, ECONNABORTED), else `e`. */
+int vffs_daemon_errno(int e);
+
 /* One round trip in this thread's slot of `fd`. Returns 0 and fills *result (and the reply
  * payload, at most `room` bytes, its length in *reply_len) or an errno. `keep_failed`: on a
  * failed pwrite, read the reply a failing command may have left (docs/protocol.md §4.3). */
