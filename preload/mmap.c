@@ -92,8 +92,8 @@ out:
 
 /* Map [region_off, region_off + length) of a sparse BAR at `addr`: the areas from the memfd,
  * the rest PROT_NONE and registered as traps on `fd`. */
-static void *map_trapped(void *addr, size_t len, int prot, int flags, int fd, int memfd, uint64_t index,
-                         uint64_t region_off, uint64_t length, const struct area *areas, int nareas)
+static void *map_trapped(void *addr, int prot, int flags, int fd, int memfd, uint64_t index, uint64_t region_off,
+                         uint64_t length, const struct area *areas, int nareas)
 {
     uintptr_t base;
     uint64_t at, end = region_off + length, page = (uint64_t)sysconf(_SC_PAGESIZE);
@@ -138,7 +138,6 @@ static void *map_trapped(void *addr, size_t len, int prot, int flags, int fd, in
         }
         at = stop;
     }
-    (void)len;
     return p;
 fail:
     err = errno;
@@ -238,7 +237,7 @@ static void *map_region(void *addr, size_t len, int prot, int flags, int fd, off
         return MAP_FAILED;
     }
     if (nareas > 0 || trapped)
-        p = map_trapped(addr, len, prot, flags, fd, memfd, index, region_off, length, areas, nareas);
+        p = map_trapped(addr, prot, flags, fd, memfd, index, region_off, length, areas, nareas);
     else
         p = real_mmap()(addr, len, prot, flags, memfd, (off_t)region_off);
     err = errno;
