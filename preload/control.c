@@ -96,7 +96,8 @@ static void learn_root(void)
     }
 }
 
-const char *vffs_root(void)
+/* The canonical mount root (realpath of $VFIOFS_MOUNT), or NULL. */
+static const char *mount_root(void)
 {
     const char *r;
 
@@ -162,14 +163,25 @@ static enum node_kind kind_of_path(const char *p)
 static int path_on_mount(int fd)
 {
     char path[PATH_MAX];
-    const char *r = vffs_root();
+    const char *r = mount_root();
 
     if (r == NULL || fd_path(fd, path, sizeof path) < 0)
         return 0;
     return strncmp(path, r, strlen(r)) == 0 && path[strlen(r)] == '/';
 }
 
-enum node_kind vffs_node_kind(int fd)
+static void fd_note(int fd, enum node_kind kind, uint64_t ino)
+{
+    if (fd < 0 || fd >= FD_CACHE)
+        return;
+    pthread_mutex_lock(&lock);
+    fresh();
+    fd_cache[fd].ino = ino;
+    __atomic_store_n(&fd_cache[fd].kind, (int)kind, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&lock);
+}
+
+static enum node_kind node_kind(int fd)
 {
     struct statx sx;
     char path[PATH_MAX];
@@ -200,19 +212,19 @@ enum node_kind vffs_node_kind(int fd)
     if (!on_mount)
         return NODE_NONE;
     kind = fd_path(fd, path, sizeof path) < 0 ? NODE_OTHER : kind_of_path(path);
-    vffs_fd_note(fd, kind, sx.stx_ino);
+    fd_note(fd, kind, sx.stx_ino);
     return kind;
 }
 
-void vffs_fd_note(int fd, enum node_kind kind, uint64_t ino)
+/* Looking costs system calls that may fail (statx of a closed fd, realpath of a mount that is
+ * gone): the caller's errno is kept, so a passed-through ioctl or mmap that succeeds leaves it. */
+enum node_kind vffs_node_kind(int fd)
 {
-    if (fd < 0 || fd >= FD_CACHE)
-        return;
-    pthread_mutex_lock(&lock);
-    fresh();
-    fd_cache[fd].ino = ino;
-    __atomic_store_n(&fd_cache[fd].kind, (int)kind, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&lock);
+    int saved = errno;
+    enum node_kind kind = node_kind(fd);
+
+    errno = saved;
+    return kind;
 }
 
 void vffs_fd_forget(int fd)
