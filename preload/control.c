@@ -227,27 +227,28 @@ enum node_kind vffs_node_kind(int fd)
     return kind;
 }
 
+/* close, dup2 and fcntl(F_DUPFD) are async-signal-safe: a handler may call them while the thread it
+ * interrupted holds `lock`, so these two take no lock. An entry is only a cache (its ino is checked
+ * on every use, a miss looks again), so racing fd_note costs at most one more look. */
 void vffs_fd_forget(int fd)
 {
-    if (fd < 0 || fd >= FD_CACHE || __atomic_load_n(&fd_cache[fd].kind, __ATOMIC_ACQUIRE) == 0)
-        return;
-    pthread_mutex_lock(&lock);
-    fd_cache[fd].kind = 0;
-    fd_cache[fd].ino = 0;
-    pthread_mutex_unlock(&lock);
+    if (fd >= 0 && fd < FD_CACHE)
+        __atomic_store_n(&fd_cache[fd].kind, 0, __ATOMIC_RELEASE);
 }
 
 void vffs_fd_copy(int oldfd, int newfd)
 {
+    int kind = 0;
+
     if (newfd < 0 || newfd >= FD_CACHE || oldfd == newfd)
         return;
-    pthread_mutex_lock(&lock);
-    fresh();
-    if (oldfd >= 0 && oldfd < FD_CACHE)
-        fd_cache[newfd] = fd_cache[oldfd];
-    else
-        fd_cache[newfd].kind = 0;
-    pthread_mutex_unlock(&lock);
+    if (oldfd >= 0 && oldfd < FD_CACHE) {
+        kind = __atomic_load_n(&fd_cache[oldfd].kind, __ATOMIC_ACQUIRE);
+        __atomic_store_n(&fd_cache[newfd].kind, 0, __ATOMIC_RELEASE); /* never old kind, new ino */
+        __atomic_store_n(&fd_cache[newfd].ino, __atomic_load_n(&fd_cache[oldfd].ino, __ATOMIC_RELAXED),
+                         __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&fd_cache[newfd].kind, kind, __ATOMIC_RELEASE);
 }
 
 /* -- one round trip ------------------------------------------------------------------------ */
