@@ -64,14 +64,14 @@ static int sparse_areas(int fd, uint32_t index, struct area *areas)
     if (!(flags & REGION_INFO_FLAG_CAPS))
         goto out;
     /* Walk the chain (header: u16 id, u16 version, u32 next; offsets from the struct's start). */
-    while (cap_offset != 0 && cap_offset + 16 <= got) {
+    while (cap_offset != 0 && (uint64_t)cap_offset + 16 <= got) { /* 64-bit: no wrap past the buffer */
         uint16_t id;
         uint32_t next;
         memcpy(&id, reply + cap_offset, 2);
         memcpy(&next, reply + cap_offset + 4, 4);
         if (id == REGION_INFO_CAP_SPARSE_MMAP) {
             memcpy(&nr, reply + cap_offset + 8, 4);
-            for (i = 0; i < nr && i < MAX_AREAS && cap_offset + 16 + 16 * (i + 1) <= got; i++) {
+            for (i = 0; i < nr && i < MAX_AREAS && (uint64_t)cap_offset + 16 + 16 * (i + 1) <= got; i++) {
                 memcpy(&areas[i].offset, reply + cap_offset + 16 + 16 * i, 8);
                 memcpy(&areas[i].size, reply + cap_offset + 24 + 16 * i, 8);
             }
