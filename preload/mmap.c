@@ -161,15 +161,25 @@ static int receive_memfd(int listener)
                         .msg_controllen = sizeof control.buf};
     struct cmsghdr *cm;
     int (*real_close)(int) = vfiofs_real("close");
-    int conn, fd = -1;
+    int conn, fd = -1, ready;
+    ssize_t got;
 
-    /* The daemon connected before the pwrite returned: this never waits in practice. */
-    if (poll(&p, 1, 10000) != 1)
+    /* The daemon connected before the pwrite returned: this never waits in practice. A signal
+     * handler of the program's must not turn the mmap into EIO. */
+    do
+        ready = poll(&p, 1, 10000);
+    while (ready < 0 && errno == EINTR);
+    if (ready != 1)
         return -EIO;
-    conn = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    do
+        conn = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    while (conn < 0 && errno == EINTR);
     if (conn < 0)
         return -EIO;
-    if (recvmsg(conn, &mh, MSG_CMSG_CLOEXEC) >= 0)
+    do
+        got = recvmsg(conn, &mh, MSG_CMSG_CLOEXEC);
+    while (got < 0 && errno == EINTR);
+    if (got >= 0)
         for (cm = CMSG_FIRSTHDR(&mh); cm != NULL; cm = CMSG_NXTHDR(&mh, cm))
             if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len >= CMSG_LEN(sizeof(int)))
                 memcpy(&fd, CMSG_DATA(cm), sizeof fd);
