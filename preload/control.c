@@ -437,9 +437,9 @@ int vffs_deposit(int own, const int *numbers, int count, uint8_t parcel[VFFS_TOK
         memcpy(msg, "VFFSPRCL", 8);
         memcpy(msg + 8, parcel, VFFS_TOKEN_SIZE);
         memcpy(msg + 24, &c, 4);
-        memcpy(msg + 28, numbers + i, 4 * (size_t)chunk);
-        if (chunk > 0) {
+        if (chunk > 0) { /* a process proof has no numbers (NULL): no memcpy from NULL either */
             struct cmsghdr *cm;
+            memcpy(msg + 28, numbers + i, 4 * (size_t)chunk);
             mh.msg_control = control.buf;
             mh.msg_controllen = CMSG_SPACE(sizeof(int) * chunk);
             cm = CMSG_FIRSTHDR(&mh);
