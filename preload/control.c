@@ -417,7 +417,10 @@ int vffs_deposit(int own, const int *numbers, int count, uint8_t parcel[VFFS_TOK
     sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (sock < 0)
         return errno;
-    if (connect(sock, (struct sockaddr *)&addr, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + name_len))) {
+    do /* waits while the daemon's backlog is full; an AF_UNIX connect cut short can be retried */
+        err = connect(sock, (struct sockaddr *)&addr, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + name_len));
+    while (err < 0 && errno == EINTR);
+    if (err) {
         real_close(sock);
         return ENODEV; /* nobody takes descriptors there: the daemon is gone */
     }
@@ -433,6 +436,7 @@ int vffs_deposit(int own, const int *numbers, int count, uint8_t parcel[VFFS_TOK
         } control;
         struct iovec iov = {msg, 28 + 4 * (size_t)chunk};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+        ssize_t sent;
 
         memcpy(msg, "VFFSPRCL", 8);
         memcpy(msg + 8, parcel, VFFS_TOKEN_SIZE);
@@ -448,7 +452,10 @@ int vffs_deposit(int own, const int *numbers, int count, uint8_t parcel[VFFS_TOK
             cm->cmsg_len = CMSG_LEN(sizeof(int) * chunk);
             memcpy(CMSG_DATA(cm), numbers + i, sizeof(int) * chunk);
         }
-        if (sendmsg(sock, &mh, MSG_NOSIGNAL) < 0) {
+        do /* the channel's buffer may be full: a handled signal must not fail the ioctl */
+            sent = sendmsg(sock, &mh, MSG_NOSIGNAL);
+        while (sent < 0 && errno == EINTR);
+        if (sent < 0) {
             err = errno == EBADF ? EBADF : EIO;
             real_close(sock);
             return err;
