@@ -515,6 +515,7 @@ static char *resolve(const char *path, char *resolved, size_t resolvedlen, int c
     const char *at = where(path, buf);
     const char *answer;
     size_t n;
+    int saved;
 
     if (at == NULL)
         return NULL;
@@ -525,7 +526,9 @@ static char *resolve(const char *path, char *resolved, size_t resolvedlen, int c
     }
     if (REAL(realpath, char *(*)(const char *, char *))(at, in_mount) == NULL)
         return NULL;
+    saved = errno; /* unredirect's put() says ENAMETOOLONG when it falls back: not our failure */
     answer = unredirect(in_mount, shown) ? shown : in_mount;
+    errno = saved;
     n = strlen(answer) + 1;
     if (resolved == NULL) {
         resolved = malloc(n); /* as realpath(path, NULL) does */
