@@ -47,43 +47,44 @@ static void report(const char *name, const uint64_t *samples, int n)
         printf("%llu\n", (unsigned long long)samples[i]);
 }
 
+/* Run the statement (it may use i: negative while warming up) 200 times untimed, then n times
+ * timed into t[]; report the samples. */
+#define TIMED(name, ...)                        \
+    do {                                        \
+        for (int i = -200; i < n; i++) {        \
+            uint64_t t0_ = now();               \
+            __VA_ARGS__;                        \
+            if (i >= 0)                         \
+                t[i] = now() - t0_;             \
+        }                                       \
+        report(name, t, n);                     \
+    } while (0)
+
 int main(int argc, char **argv)
 {
     int n = argc > 2 ? atoi(argv[2]) : 0, iommu = -1;
     uint64_t *t = calloc(n > 0 ? n : 1, sizeof *t), t0;
 
     if (argc < 3 || n <= 0 || t == NULL) {
-        fprintf(stderr, "usage: preload_bench ioctl|pread|memcpy N [PATH]\n");
+        fprintf(stderr, "usage: preload_bench ioctl|pread|trap|memcpy N [PATH]\n");
         return 2;
     }
     if (strcmp(argv[1], "ioctl") == 0) {
         int dev = bound("vfio/devices/vfio0", &iommu);
         struct vfio_region_info info = {.argsz = sizeof info, .index = 0};
 
-        for (int i = -200; i < n; i++) {
-            t0 = now();
-            if (ioctl(dev, VFIO_DEVICE_GET_REGION_INFO, &info) != 0) {
-                perror("GET_REGION_INFO");
-                return 1;
-            }
-            if (i >= 0)
-                t[i] = now() - t0;
-        }
-        report("ioctl", t, n);
+        TIMED("ioctl", if (ioctl(dev, VFIO_DEVICE_GET_REGION_INFO, &info) != 0) {
+            perror("GET_REGION_INFO");
+            return 1;
+        });
     } else if (strcmp(argv[1], "pread") == 0 && argc > 3) {
         int fd = strstr(argv[3], "/vfio/devices/") ? bound("vfio/devices/vfio0", &iommu) : open(argv[3], O_RDWR);
         uint32_t value;
 
-        for (int i = -200; i < n; i++) {
-            t0 = now();
-            if (pread(fd, &value, 4, 0) != 4) {
-                perror("pread");
-                return 1;
-            }
-            if (i >= 0)
-                t[i] = now() - t0;
-        }
-        report("pread", t, n);
+        TIMED("pread", if (pread(fd, &value, 4, 0) != 4) {
+            perror("pread");
+            return 1;
+        });
     } else if (strcmp(argv[1], "trap") == 0) {
         int dev = bound("vfio/devices/vfio2", &iommu);
         const size_t size = 64 * 1024;
@@ -96,36 +97,10 @@ int main(int argc, char **argv)
             return 1;
         }
         reg = bar + 0x100 / 4;
-        for (int i = -200; i < n; i++) {
-            t0 = now();
-            value += *reg;
-            if (i >= 0)
-                t[i] = now() - t0;
-        }
-        report("trap.load", t, n);
-        for (int i = -200; i < n; i++) {
-            t0 = now();
-            *reg = (uint32_t)i;
-            if (i >= 0)
-                t[i] = now() - t0;
-        }
-        report("trap.store", t, n);
-        for (int i = -200; i < n; i++) {
-            t0 = now();
-            if (pread(dev, &value, 4, REGION(1) + 0x100) != 4)
-                return 1;
-            if (i >= 0)
-                t[i] = now() - t0;
-        }
-        report("pread", t, n);
-        for (int i = -200; i < n; i++) {
-            t0 = now();
-            if (pwrite(dev, &value, 4, REGION(1) + 0x100) != 4)
-                return 1;
-            if (i >= 0)
-                t[i] = now() - t0;
-        }
-        report("pwrite", t, n);
+        TIMED("trap.load", value += *reg);
+        TIMED("trap.store", *reg = (uint32_t)i);
+        TIMED("pread", if (pread(dev, &value, 4, REGION(1) + 0x100) != 4) return 1);
+        TIMED("pwrite", if (pwrite(dev, &value, 4, REGION(1) + 0x100) != 4) return 1);
     } else if (strcmp(argv[1], "memcpy") == 0) {
         const size_t size = 1 << 20;
         int dev = bound("vfio/devices/vfio2", &iommu);

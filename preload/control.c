@@ -96,7 +96,8 @@ static void learn_root(void)
     }
 }
 
-const char *vffs_root(void)
+/* The canonical mount root (realpath of $VFIOFS_MOUNT), or NULL. */
+static const char *mount_root(void)
 {
     const char *r;
 
@@ -162,14 +163,25 @@ static enum node_kind kind_of_path(const char *p)
 static int path_on_mount(int fd)
 {
     char path[PATH_MAX];
-    const char *r = vffs_root();
+    const char *r = mount_root();
 
     if (r == NULL || fd_path(fd, path, sizeof path) < 0)
         return 0;
     return strncmp(path, r, strlen(r)) == 0 && path[strlen(r)] == '/';
 }
 
-enum node_kind vffs_node_kind(int fd)
+static void fd_note(int fd, enum node_kind kind, uint64_t ino)
+{
+    if (fd < 0 || fd >= FD_CACHE)
+        return;
+    pthread_mutex_lock(&lock);
+    fresh();
+    fd_cache[fd].ino = ino;
+    __atomic_store_n(&fd_cache[fd].kind, (int)kind, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&lock);
+}
+
+static enum node_kind node_kind(int fd)
 {
     struct statx sx;
     char path[PATH_MAX];
@@ -200,47 +212,48 @@ enum node_kind vffs_node_kind(int fd)
     if (!on_mount)
         return NODE_NONE;
     kind = fd_path(fd, path, sizeof path) < 0 ? NODE_OTHER : kind_of_path(path);
-    vffs_fd_note(fd, kind, sx.stx_ino);
+    fd_note(fd, kind, sx.stx_ino);
     return kind;
 }
 
-void vffs_fd_note(int fd, enum node_kind kind, uint64_t ino)
+/* Looking costs system calls that may fail (statx of a closed fd, realpath of a mount that is
+ * gone): the caller's errno is kept, so a passed-through ioctl or mmap that succeeds leaves it. */
+enum node_kind vffs_node_kind(int fd)
 {
-    if (fd < 0 || fd >= FD_CACHE)
-        return;
-    pthread_mutex_lock(&lock);
-    fresh();
-    fd_cache[fd].ino = ino;
-    __atomic_store_n(&fd_cache[fd].kind, (int)kind, __ATOMIC_RELEASE);
-    pthread_mutex_unlock(&lock);
+    int saved = errno;
+    enum node_kind kind = node_kind(fd);
+
+    errno = saved;
+    return kind;
 }
 
+/* close, dup2 and fcntl(F_DUPFD) are async-signal-safe: a handler may call them while the thread it
+ * interrupted holds `lock`, so these two take no lock. An entry is only a cache (its ino is checked
+ * on every use, a miss looks again), so racing fd_note costs at most one more look. */
 void vffs_fd_forget(int fd)
 {
-    if (fd < 0 || fd >= FD_CACHE || __atomic_load_n(&fd_cache[fd].kind, __ATOMIC_ACQUIRE) == 0)
-        return;
-    pthread_mutex_lock(&lock);
-    fd_cache[fd].kind = 0;
-    fd_cache[fd].ino = 0;
-    pthread_mutex_unlock(&lock);
+    if (fd >= 0 && fd < FD_CACHE)
+        __atomic_store_n(&fd_cache[fd].kind, 0, __ATOMIC_RELEASE);
 }
 
 void vffs_fd_copy(int oldfd, int newfd)
 {
+    int kind = 0;
+
     if (newfd < 0 || newfd >= FD_CACHE || oldfd == newfd)
         return;
-    pthread_mutex_lock(&lock);
-    fresh();
-    if (oldfd >= 0 && oldfd < FD_CACHE)
-        fd_cache[newfd] = fd_cache[oldfd];
-    else
-        fd_cache[newfd].kind = 0;
-    pthread_mutex_unlock(&lock);
+    if (oldfd >= 0 && oldfd < FD_CACHE) {
+        kind = __atomic_load_n(&fd_cache[oldfd].kind, __ATOMIC_ACQUIRE);
+        __atomic_store_n(&fd_cache[newfd].kind, 0, __ATOMIC_RELEASE); /* never old kind, new ino */
+        __atomic_store_n(&fd_cache[newfd].ino, __atomic_load_n(&fd_cache[oldfd].ino, __ATOMIC_RELAXED),
+                         __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&fd_cache[newfd].kind, kind, __ATOMIC_RELEASE);
 }
 
 /* -- one round trip ------------------------------------------------------------------------ */
 
-static int daemon_errno(int e)
+int vffs_daemon_errno(int e)
 {
     /* FUSE answers ENOTCONN once the daemon is gone: the device went away. */
     return e == ENOTCONN || e == ECONNABORTED ? ENODEV : e;
@@ -256,7 +269,7 @@ static int read_reply(int fd, off_t slot, unsigned char *buf, uint32_t room, voi
         n = pread(fd, buf, sizeof rep + room, slot);
     while (n < 0 && errno == EINTR);
     if (n < 0)
-        return daemon_errno(errno);
+        return vffs_daemon_errno(errno);
     if ((size_t)n < sizeof rep)
         return EBADMSG;
     memcpy(&rep, buf, sizeof rep);
@@ -325,7 +338,7 @@ int vffs_transact(int fd, uint32_t op, uint32_t request, uint32_t arg_kind, uint
         memcpy(buf + sizeof req + nfds * sizeof *fds, payload, len);
     n = control_write(fd, buf, total, slot); /* the command's errno surfaces here */
     if (n < 0) {
-        err = daemon_errno(errno);
+        err = vffs_daemon_errno(errno);
         if (keep_failed && read_reply(fd, slot, buf, room, reply, reply_len, result) == 0 && failed_reply != NULL)
             *failed_reply = 1;
     } else if ((size_t)n != total) {
@@ -349,13 +362,13 @@ int vffs_resolve_fd(int own, int n, struct vffs_fdref *ref)
     ref->fd = n;
     if (sys_statx(n, "", AT_EMPTY_PATH, &a) != 0) {
         if (errno != EBADF)
-            return daemon_errno(errno);
+            return vffs_daemon_errno(errno);
         ref->kind = VFFS_FD_NOT_OPEN;
         return 0;
     }
     ref->kind = VFFS_FD_FOREIGN;
     if (sys_statx(own, "", AT_EMPTY_PATH, &b) != 0)
-        return daemon_errno(errno);
+        return vffs_daemon_errno(errno);
     if (a.stx_dev_major != b.stx_dev_major || a.stx_dev_minor != b.stx_dev_minor)
         return 0;
     if (vffs_transact(n, VFFS_OP_GET_TOKEN, 0, VFFS_ARG_NULL, 0, NULL, 0, NULL, 0, ref->token, VFFS_TOKEN_SIZE,
@@ -404,7 +417,10 @@ int vffs_deposit(int own, const int *numbers, int count, uint8_t parcel[VFFS_TOK
     sock = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
     if (sock < 0)
         return errno;
-    if (connect(sock, (struct sockaddr *)&addr, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + name_len))) {
+    do /* waits while the daemon's backlog is full; an AF_UNIX connect cut short can be retried */
+        err = connect(sock, (struct sockaddr *)&addr, (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + name_len));
+    while (err < 0 && errno == EINTR);
+    if (err) {
         real_close(sock);
         return ENODEV; /* nobody takes descriptors there: the daemon is gone */
     }
@@ -420,13 +436,14 @@ int vffs_deposit(int own, const int *numbers, int count, uint8_t parcel[VFFS_TOK
         } control;
         struct iovec iov = {msg, 28 + 4 * (size_t)chunk};
         struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+        ssize_t sent;
 
         memcpy(msg, "VFFSPRCL", 8);
         memcpy(msg + 8, parcel, VFFS_TOKEN_SIZE);
         memcpy(msg + 24, &c, 4);
-        memcpy(msg + 28, numbers + i, 4 * (size_t)chunk);
-        if (chunk > 0) {
+        if (chunk > 0) { /* a process proof has no numbers (NULL): no memcpy from NULL either */
             struct cmsghdr *cm;
+            memcpy(msg + 28, numbers + i, 4 * (size_t)chunk);
             mh.msg_control = control.buf;
             mh.msg_controllen = CMSG_SPACE(sizeof(int) * chunk);
             cm = CMSG_FIRSTHDR(&mh);
@@ -435,7 +452,10 @@ int vffs_deposit(int own, const int *numbers, int count, uint8_t parcel[VFFS_TOK
             cm->cmsg_len = CMSG_LEN(sizeof(int) * chunk);
             memcpy(CMSG_DATA(cm), numbers + i, sizeof(int) * chunk);
         }
-        if (sendmsg(sock, &mh, MSG_NOSIGNAL) < 0) {
+        do /* the channel's buffer may be full: a handled signal must not fail the ioctl */
+            sent = sendmsg(sock, &mh, MSG_NOSIGNAL);
+        while (sent < 0 && errno == EINTR);
+        if (sent < 0) {
             err = errno == EBADF ? EBADF : EIO;
             real_close(sock);
             return err;

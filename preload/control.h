@@ -47,11 +47,13 @@ struct vffs_fdref {
  * without a mailbox (directories, sys/ files); NODE_GONE: on a mount whose daemon went away. */
 enum node_kind { NODE_NONE = 0, NODE_OTHER, NODE_GONE, NODE_IOMMU, NODE_CONTAINER, NODE_GROUP, NODE_DEVICE };
 
-/* The kind of `fd` (cached per process by fd number, checked against st_ino every call). */
+/* The kind of `fd` (cached per process by fd number, checked against st_ino every call).
+ * errno is kept. */
 enum node_kind vffs_node_kind(int fd);
 
-/* The canonical mount root (realpath of $VFIOFS_MOUNT), or NULL. */
-const char *vffs_root(void);
+/* The errno for a failed system call on a node: ENODEV once the daemon is gone (FUSE's
+ * ENOTCONN, ECONNABORTED), else `e`. */
+int vffs_daemon_errno(int e);
 
 /* One round trip in this thread's slot of `fd`. Returns 0 and fills *result (and the reply
  * payload, at most `room` bytes, its length in *reply_len) or an errno. `keep_failed`: on a
@@ -78,7 +80,6 @@ size_t vffs_write_user(uintptr_t dst, const void *src, size_t len);
 /* fd identity: the per-fd cache follows close/dup (fds.c). */
 void vffs_fd_forget(int fd);
 void vffs_fd_copy(int oldfd, int newfd);
-void vffs_fd_note(int fd, enum node_kind kind, uint64_t ino);
 
 /* Register traps (trap.c): PROT_NONE pages of a BAR mapping whose loads and stores become
  * pread/pwrite of `fd` at `base` + (address - start) (stores only if `prot` has PROT_WRITE;

@@ -143,13 +143,20 @@ static int argument_length(const struct command *c, uintptr_t arg, uint32_t *len
     }
 }
 
-static int add_ref(struct vffs_fdref *refs, uint32_t *nrefs, int own, int number)
+static int has_ref(const struct vffs_fdref *refs, uint32_t nrefs, int number)
 {
     uint32_t i;
 
-    for (i = 0; i < *nrefs; i++)
+    for (i = 0; i < nrefs; i++)
         if (refs[i].fd == number)
-            return 0;
+            return 1;
+    return 0;
+}
+
+static int add_ref(struct vffs_fdref *refs, uint32_t *nrefs, int own, int number)
+{
+    if (has_ref(refs, *nrefs, number))
+        return 0;
     return vffs_resolve_fd(own, number, &refs[(*nrefs)++]);
 }
 
@@ -175,14 +182,9 @@ static int pass_eventfds(int fd, const unsigned char *payload, uint32_t len, str
         count = VFFS_MAX_FDS;
     for (i = 0; i < count; i++) {
         int32_t n;
-        int seen = 0;
 
         memcpy(&n, payload + 20 + 4 * i, 4);
-        if (n < 0)
-            continue;
-        for (j = 0; j < *nrefs; j++)
-            seen |= refs[j].fd == n;
-        if (seen)
+        if (n < 0 || has_ref(refs, *nrefs, n))
             continue;
         memset(&refs[*nrefs], 0, sizeof refs[*nrefs]);
         refs[*nrefs].fd = n;
@@ -206,7 +208,7 @@ static int pass_eventfds(int fd, const unsigned char *payload, uint32_t len, str
 }
 
 /* GET_DEVICE_FD returns a new fd in the kernel: open the device node the daemon named and
- * claim the grant on that fresh handle (docs/protocol.md §13). */
+ * claim the grant on that fresh handle (docs/protocol.md §13). The fd, or -errno. */
 static int open_granted_device(int group_fd, int64_t result)
 {
     unsigned index = (unsigned)(result & 0xffff);
@@ -214,29 +216,28 @@ static int open_granted_device(int group_fd, int64_t result)
     char link[64], path[PATH_MAX + 32];
     char *slash;
     ssize_t n;
-    int dev, err, saved;
+    int dev, err;
     int64_t claimed;
     int (*real_close)(int) = vfiofs_real("close");
 
     snprintf(link, sizeof link, "/proc/self/fd/%d", group_fd);
     n = syscall(SYS_readlinkat, AT_FDCWD, link, path, (size_t)PATH_MAX - 1);
     if (n < 0)
-        return fail(EIO);
+        return -EIO;
     path[n] = '\0';
     /* <root>/vfio/<G> → <root>/vfio/devices/vfio<index> */
     slash = strrchr(path, '/');
     if (slash == NULL)
-        return fail(EIO);
+        return -EIO;
     snprintf(slash, sizeof path - (size_t)(slash - path), "/devices/vfio%u", index);
     dev = (int)syscall(SYS_openat, AT_FDCWD, path, O_RDWR | O_CLOEXEC);
     if (dev < 0)
-        return fail(errno == ENOTCONN ? ENODEV : errno);
+        return -vffs_daemon_errno(errno);
     err = vffs_transact(dev, VFFS_OP_CLAIM, 0, VFFS_ARG_NULL, ticket, NULL, 0, NULL, 0, NULL, 0, NULL, &claimed, 0,
                         NULL);
     if (err) {
-        saved = err;
         real_close(dev);
-        return fail(saved);
+        return -err;
     }
     vffs_fd_forget(dev);
     return dev;
@@ -252,7 +253,7 @@ static int translate(int fd, enum node_kind kind, uint32_t request, uintptr_t ar
     uint64_t value = 0;
     int64_t result = 0;
     int err = 0, failed_reply = 0, ret = -1;
-    size_t got;
+    size_t got, used;
 
     if (c->shape == S_VALUE) {
         kind_arg = VFFS_ARG_VALUE;
@@ -299,8 +300,9 @@ static int translate(int fd, enum node_kind kind, uint32_t request, uintptr_t ar
                 nrefs++;
             }
         }
-        while (len + sizeof(struct vffs_request_header) + nrefs * sizeof *refs > VFFS_MAX_MESSAGE && len > 0)
-            len--; /* a huge argsz: send what fits */
+        used = sizeof(struct vffs_request_header) + nrefs * sizeof *refs;
+        if (len + used > VFFS_MAX_MESSAGE) /* a huge argsz: send what fits */
+            len = used < VFFS_MAX_MESSAGE ? (uint32_t)(VFFS_MAX_MESSAGE - used) : 0;
     }
     room = len;
     err = vffs_transact(fd, VFFS_OP_IOCTL, request, kind_arg, value, refs, nrefs, payload, len, reply, room,
@@ -317,10 +319,13 @@ static int translate(int fd, enum node_kind kind, uint32_t request, uintptr_t ar
     }
     if (err)
         goto out;
-    if (c->flags & F_NEW_FD)
+    if (c->flags & F_NEW_FD) {
         ret = open_granted_device(fd, result);
-    else
+        if (ret < 0)
+            err = -ret;
+    } else {
         ret = (int)result;
+    }
 out:
     free(payload);
     free(reply);

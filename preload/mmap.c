@@ -64,14 +64,14 @@ static int sparse_areas(int fd, uint32_t index, struct area *areas)
     if (!(flags & REGION_INFO_FLAG_CAPS))
         goto out;
     /* Walk the chain (header: u16 id, u16 version, u32 next; offsets from the struct's start). */
-    while (cap_offset != 0 && cap_offset + 16 <= got) {
+    while (cap_offset != 0 && (uint64_t)cap_offset + 16 <= got) { /* 64-bit: no wrap past the buffer */
         uint16_t id;
         uint32_t next;
         memcpy(&id, reply + cap_offset, 2);
         memcpy(&next, reply + cap_offset + 4, 4);
         if (id == REGION_INFO_CAP_SPARSE_MMAP) {
             memcpy(&nr, reply + cap_offset + 8, 4);
-            for (i = 0; i < nr && i < MAX_AREAS && cap_offset + 16 + 16 * (i + 1) <= got; i++) {
+            for (i = 0; i < nr && i < MAX_AREAS && (uint64_t)cap_offset + 16 + 16 * (i + 1) <= got; i++) {
                 memcpy(&areas[i].offset, reply + cap_offset + 16 + 16 * i, 8);
                 memcpy(&areas[i].size, reply + cap_offset + 24 + 16 * i, 8);
             }
@@ -92,8 +92,8 @@ out:
 
 /* Map [region_off, region_off + length) of a sparse BAR at `addr`: the areas from the memfd,
  * the rest PROT_NONE and registered as traps on `fd`. */
-static void *map_trapped(void *addr, size_t len, int prot, int flags, int fd, int memfd, uint64_t index,
-                         uint64_t region_off, uint64_t length, const struct area *areas, int nareas)
+static void *map_trapped(void *addr, int prot, int flags, int fd, int memfd, uint64_t index, uint64_t region_off,
+                         uint64_t length, const struct area *areas, int nareas)
 {
     uintptr_t base;
     uint64_t at, end = region_off + length, page = (uint64_t)sysconf(_SC_PAGESIZE);
@@ -138,7 +138,6 @@ static void *map_trapped(void *addr, size_t len, int prot, int flags, int fd, in
         }
         at = stop;
     }
-    (void)len;
     return p;
 fail:
     err = errno;
@@ -162,15 +161,25 @@ static int receive_memfd(int listener)
                         .msg_controllen = sizeof control.buf};
     struct cmsghdr *cm;
     int (*real_close)(int) = vfiofs_real("close");
-    int conn, fd = -1;
+    int conn, fd = -1, ready;
+    ssize_t got;
 
-    /* The daemon connected before the pwrite returned: this never waits in practice. */
-    if (poll(&p, 1, 10000) != 1)
+    /* The daemon connected before the pwrite returned: this never waits in practice. A signal
+     * handler of the program's must not turn the mmap into EIO. */
+    do
+        ready = poll(&p, 1, 10000);
+    while (ready < 0 && errno == EINTR);
+    if (ready != 1)
         return -EIO;
-    conn = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    do
+        conn = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+    while (conn < 0 && errno == EINTR);
     if (conn < 0)
         return -EIO;
-    if (recvmsg(conn, &mh, MSG_CMSG_CLOEXEC) >= 0)
+    do
+        got = recvmsg(conn, &mh, MSG_CMSG_CLOEXEC);
+    while (got < 0 && errno == EINTR);
+    if (got >= 0)
         for (cm = CMSG_FIRSTHDR(&mh); cm != NULL; cm = CMSG_NXTHDR(&mh, cm))
             if (cm->cmsg_level == SOL_SOCKET && cm->cmsg_type == SCM_RIGHTS && cm->cmsg_len >= CMSG_LEN(sizeof(int)))
                 memcpy(&fd, CMSG_DATA(cm), sizeof fd);
@@ -238,7 +247,7 @@ static void *map_region(void *addr, size_t len, int prot, int flags, int fd, off
         return MAP_FAILED;
     }
     if (nareas > 0 || trapped)
-        p = map_trapped(addr, len, prot, flags, fd, memfd, index, region_off, length, areas, nareas);
+        p = map_trapped(addr, prot, flags, fd, memfd, index, region_off, length, areas, nareas);
     else
         p = real_mmap()(addr, len, prot, flags, memfd, (off_t)region_off);
     err = errno;

@@ -244,57 +244,42 @@ typedef int (*openat_fn)(int, const char *, int, ...);
 typedef int (*open_2_fn)(const char *, int);
 typedef int (*openat_2_fn)(int, const char *, int);
 
-static mode_t mode_arg(int flags, va_list ap)
-{
-    return __OPEN_NEEDS_MODE(flags) ? (mode_t)va_arg(ap, int) : 0;
-}
+/* The mode argument of an open-like call, there only when the flags need one. A macro: va_start
+ * belongs in the interposed function itself. */
+#define MODE_ARG(flags)                           \
+    ({                                            \
+        mode_t mode_ = 0;                         \
+        if (__OPEN_NEEDS_MODE(flags)) {           \
+            va_list ap_;                          \
+            va_start(ap_, flags);                 \
+            mode_ = (mode_t)va_arg(ap_, int);     \
+            va_end(ap_);                          \
+        }                                         \
+        mode_;                                    \
+    })
 
 int open(const char *path, int flags, ...)
 {
-    va_list ap;
-    mode_t mode;
-
-    va_start(ap, flags);
-    mode = mode_arg(flags, ap);
-    va_end(ap);
     WHERE(path, buf);
-    return REAL(open, open_fn)(at_, flags, mode);
+    return REAL(open, open_fn)(at_, flags, MODE_ARG(flags));
 }
 
 int open64(const char *path, int flags, ...)
 {
-    va_list ap;
-    mode_t mode;
-
-    va_start(ap, flags);
-    mode = mode_arg(flags, ap);
-    va_end(ap);
     WHERE(path, buf);
-    return REAL(open64, open_fn)(at_, flags, mode);
+    return REAL(open64, open_fn)(at_, flags, MODE_ARG(flags));
 }
 
 int openat(int dirfd, const char *path, int flags, ...)
 {
-    va_list ap;
-    mode_t mode;
-
-    va_start(ap, flags);
-    mode = mode_arg(flags, ap);
-    va_end(ap);
     WHERE(path, buf);
-    return REAL(openat, openat_fn)(dirfd, at_, flags, mode);
+    return REAL(openat, openat_fn)(dirfd, at_, flags, MODE_ARG(flags));
 }
 
 int openat64(int dirfd, const char *path, int flags, ...)
 {
-    va_list ap;
-    mode_t mode;
-
-    va_start(ap, flags);
-    mode = mode_arg(flags, ap);
-    va_end(ap);
     WHERE(path, buf);
-    return REAL(openat64, openat_fn)(dirfd, at_, flags, mode);
+    return REAL(openat64, openat_fn)(dirfd, at_, flags, MODE_ARG(flags));
 }
 
 /* _FORTIFY_SOURCE builds call these for open() without a constant mode argument. */
@@ -530,6 +515,7 @@ static char *resolve(const char *path, char *resolved, size_t resolvedlen, int c
     const char *at = where(path, buf);
     const char *answer;
     size_t n;
+    int saved;
 
     if (at == NULL)
         return NULL;
@@ -540,7 +526,9 @@ static char *resolve(const char *path, char *resolved, size_t resolvedlen, int c
     }
     if (REAL(realpath, char *(*)(const char *, char *))(at, in_mount) == NULL)
         return NULL;
+    saved = errno; /* unredirect's put() says ENAMETOOLONG when it falls back: not our failure */
     answer = unredirect(in_mount, shown) ? shown : in_mount;
+    errno = saved;
     n = strlen(answer) + 1;
     if (resolved == NULL) {
         resolved = malloc(n); /* as realpath(path, NULL) does */

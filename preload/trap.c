@@ -150,32 +150,15 @@ static int decode(const uint8_t *c, const greg_t *g, struct access *a)
         a->sign = op2 >= 0xbe;
         a->reg = reg;
     } else if (op == 0xc6 || op == 0xc7) {
+        int32_t v = 0;
+
         if (((modrm >> 3) & 7) != 0)
             return 0;
         a->store = 1;
-        if (op == 0xc6) {
-            a->size = 1;
-            a->value = c[i];
-            imm = 1;
-        } else if (rex & 8) {
-            int32_t v;
-            memcpy(&v, c + i, 4);
-            a->size = 8;
-            a->value = (uint64_t)(int64_t)v;
-            imm = 4;
-        } else if (opsize) {
-            uint16_t v;
-            memcpy(&v, c + i, 2);
-            a->size = 2;
-            a->value = v;
-            imm = 2;
-        } else {
-            uint32_t v;
-            memcpy(&v, c + i, 4);
-            a->size = 4;
-            a->value = v;
-            imm = 4;
-        }
+        a->size = op == 0xc6 ? 1 : (rex & 8) ? 8 : opsize ? 2 : 4;
+        imm = a->size == 8 ? 4 : a->size; /* REX.W: a sign-extended imm32 */
+        memcpy(&v, c + i, (size_t)imm);   /* little-endian: the low bytes of v */
+        a->value = a->size == 8 ? (uint64_t)(int64_t)v : (uint64_t)(uint32_t)v;
     } else {
         a->store = op == 0x88 || op == 0x89;
         a->size = (op == 0x88 || op == 0x8a) ? 1 : (rex & 8) ? 8 : opsize ? 2 : 4;
@@ -236,7 +219,8 @@ static void chain(int sig, siginfo_t *si, void *uc)
     }
 }
 
-static void on_segv(int sig, siginfo_t *si, void *ucv)
+/* One trapped access, or the fault handed on; errno is the caller's (on_segv keeps it). */
+static void handle(int sig, siginfo_t *si, void *ucv)
 {
     ucontext_t *uc = ucv;
     greg_t *g = uc->uc_mcontext.gregs;
@@ -244,46 +228,46 @@ static void on_segv(int sig, siginfo_t *si, void *ucv)
     const uint8_t *code;
     struct access a;
     uint64_t v = 0, off;
-    int saved = errno;
 
     r = si->si_code == SEGV_ACCERR ? find((uintptr_t)si->si_addr) : NULL;
     if (r == NULL) {
         chain(sig, si, ucv);
-        errno = saved;
         return;
     }
     code = (const uint8_t *)g[REG_RIP];
     if (!decode(code, g, &a)) {
         die_here("register access by an instruction it cannot decode:", code, 15);
-        errno = saved;
         return;
     }
     if (a.store && !r->writable) {
         chain(sig, si, ucv); /* a store into a read-only mapping faults as it would */
-        errno = saved;
         return;
     }
     off = r->base + ((uintptr_t)si->si_addr - r->start);
     if (!same_file(r)) {
         die_here("register access after the device fd was closed:", code, a.length);
-        errno = saved;
         return;
     }
     if (a.store) {
         if (pwrite(r->fd, &a.value, (size_t)a.size, (off_t)off) != a.size) {
             die_here("register store failed:", code, a.length);
-            errno = saved;
             return;
         }
     } else {
         if (pread(r->fd, &v, (size_t)a.size, (off_t)off) != a.size) {
             die_here("register load failed:", code, a.length);
-            errno = saved;
             return;
         }
         load_into(g, &a, v);
     }
     g[REG_RIP] += a.length;
+}
+
+static void on_segv(int sig, siginfo_t *si, void *ucv)
+{
+    int saved = errno;
+
+    handle(sig, si, ucv);
     errno = saved;
 }
 

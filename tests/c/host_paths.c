@@ -3,6 +3,7 @@
  * never the mount's. Run under `vfiofs run`, it binds through the cdev, maps a DMA buffer,
  * maps BAR0 and checks it against pread, then repeats the setup through the legacy group and
  * /dev/iommu as the container (iommufd's VFIO compatibility). Prints name=value lines. */
+#define _GNU_SOURCE /* before any libc header: vfio_test.h uses GNU strerrorname_np */
 #include <dirent.h>
 #include <libgen.h>
 #include <limits.h>

@@ -92,6 +92,38 @@ static int by_name(const void *a, const void *b)
     return strcmp(*(char *const *)a, *(char *const *)b);
 }
 
+/* O_CREAT through each open-like call: path.1, path.2, ... created with modes 0601, 0602, ...
+ * (umask 0), so the mode argument (read from the variadic part) reaches the file. */
+static void create(const char *op, const char *path)
+{
+    char name[PATH_MAX];
+    struct stat st;
+    int i, fd;
+
+    umask(0);
+    printf("%s %s =", op, path);
+    for (i = 1; i <= (PLAIN_CALLS ? 4 : 2); i++) {
+        snprintf(name, sizeof name, "%s.%d", path, i);
+        switch (i) {
+        case 1: fd = open(name, O_WRONLY | O_CREAT | O_EXCL, 0600 + i); break;
+        case 2: fd = openat(AT_FDCWD, name, O_WRONLY | O_CREAT | O_EXCL, 0600 + i); break;
+#if PLAIN_CALLS
+        case 3: fd = open64(name, O_WRONLY | O_CREAT | O_EXCL, 0600 + i); break;
+        default: fd = openat64(AT_FDCWD, name, O_WRONLY | O_CREAT | O_EXCL, 0600 + i); break;
+#else
+        default: fd = -1; break;
+#endif
+        }
+        if (fd < 0 || fstat(fd, &st) != 0)
+            printf(" !%s", strerrorname_np(errno));
+        else
+            printf(" %04o", (unsigned)(st.st_mode & 07777));
+        if (fd >= 0)
+            close(fd);
+    }
+    putchar('\n');
+}
+
 static void list_dir(const char *op, const char *path)
 {
     DIR *dir = opendir(path);
@@ -242,6 +274,8 @@ static void run(const char *op, const char *path)
     } else if (strcmp(op, "lgetxattr") == 0) {
         n = lgetxattr(path, "system.posix_acl_access", buf, sizeof(buf));
         show_link(op, path, n, buf);
+    } else if (strcmp(op, "create") == 0) {
+        create(op, path);
     } else if (strcmp(op, "threads") == 0) {
         threads(op, path);
 #if PLAIN_CALLS

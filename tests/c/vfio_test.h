@@ -77,32 +77,13 @@ struct iommu_ioas_unmap { uint32_t size, ioas_id; uint64_t iova, length; };
 
 static inline const char *errname(int e)
 {
-    switch (e) {
-    case EPERM: return "EPERM";
-    case ENOENT: return "ENOENT";
-    case EIO: return "EIO";
-    case EBADF: return "EBADF";
-    case EAGAIN: return "EAGAIN";
-    case ENOMEM: return "ENOMEM";
-    case EFAULT: return "EFAULT";
-    case EBUSY: return "EBUSY";
-    case EEXIST: return "EEXIST";
-    case ENODEV: return "ENODEV";
-    case EINVAL: return "EINVAL";
-    case ENOTTY: return "ENOTTY";
-    case E2BIG: return "E2BIG";
-    case ENOSPC: return "ENOSPC";
-    case EMSGSIZE: return "EMSGSIZE";
-    case EBADFD: return "EBADFD";
-    case EOVERFLOW: return "EOVERFLOW";
-    case ENOTCONN: return "ENOTCONN";
-    case EFBIG: return "EFBIG";
-    default: {
-        static char buf[16];
-        snprintf(buf, sizeof buf, "E%d", e);
-        return buf;
-    }
-    }
+    static char buf[16];
+    const char *name = e ? strerrorname_np(e) : NULL; /* glibc 2.32, as tests/c/paths.c */
+
+    if (name != NULL)
+        return name;
+    snprintf(buf, sizeof buf, "E%d", e);
+    return buf;
 }
 
 /* A call's outcome: "ok:<value>" or the errno's name. */

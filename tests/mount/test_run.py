@@ -140,6 +140,14 @@ def test_a_distribution_build_goes_through_the_checked_entry_points(mount, progr
         "= ../../../../kernel/iommu_groups/0", "= vfio0", "! ENOENT"]
 
 
+def test_open_with_o_creat_passes_the_mode(mount, programs, tmp_path):
+    """The mode of open/openat/open64/openat64 (a variadic argument the library forwards) reaches
+    the new file: each call creates its own file with its own mode (umask 0)."""
+    for name, answer in [("plain", "= 0601 0602 0603 0604"), ("fortified", "= 0601 0602")]:
+        path = str(tmp_path / name)
+        assert ask(mount, programs[name], [("create", path)]) == {("create", path): answer}
+
+
 def test_other_paths_are_the_hosts(mount, programs):
     """Whatever is not one of the mount's devices, groups or nodes answers exactly as without the
     library: host files, the host's own PCI devices and groups, relative paths, '..' out of /dev/vfio."""
