@@ -238,6 +238,17 @@ class ModelRig:
     clock: object
 
 
+def rig_read(rig: ModelRig, offset: int, size: int = 4) -> int:
+    """A little-endian register read of BAR0 straight from the rig's model."""
+    data = rig.model.bar_read(0, offset, size)
+    assert len(data) == size
+    return int.from_bytes(data, "little")
+
+
+def rig_write(rig: ModelRig, offset: int, value: int, size: int = 4) -> None:
+    rig.model.bar_write(0, offset, value.to_bytes(size, "little"))
+
+
 def model_rig(cls, spec, irq_type: str, iova: int, size: int) -> ModelRig:
     from vfiofs.models.api import ModelContext
     from vfiofs.models.timers import ManualScheduler

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 
 from support import ModelRig, model_rig
+from support import rig_read as rd, rig_write as wr
 from vfiofs import abi
 from vfiofs.host.definitions import bundled_directory, load_definition
 from vfiofs.models.edu import EduDevice, factorial32
@@ -52,16 +53,6 @@ def msi_edu():
     rig = make(irq_type="msi")
     yield rig
     rig.model.shutdown()
-
-
-def rd(rig: ModelRig, offset: int, size: int = 4) -> int:
-    data = rig.model.bar_read(0, offset, size)
-    assert len(data) == size
-    return int.from_bytes(data, "little")
-
-
-def wr(rig: ModelRig, offset: int, value: int, size: int = 4) -> None:
-    rig.model.bar_write(0, offset, value.to_bytes(size, "little"))
 
 
 def advance(rig: ModelRig, seconds: float = 0.0) -> int:

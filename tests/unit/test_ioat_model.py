@@ -12,6 +12,7 @@ import struct
 import pytest
 
 from support import ModelRig, model_rig
+from support import rig_read as rd, rig_write as wr
 from vfiofs import abi
 from vfiofs.host.definitions import bundled_directory, load_definition
 from vfiofs.models.ioat import IoatDevice
@@ -41,16 +42,6 @@ def ioat():
     rig = make()
     yield rig
     rig.model.shutdown()
-
-
-def rd(rig: ModelRig, offset: int, size: int = 4) -> int:
-    data = rig.model.bar_read(0, offset, size)
-    assert len(data) == size
-    return int.from_bytes(data, "little")
-
-
-def wr(rig: ModelRig, offset: int, value: int, size: int = 4) -> None:
-    rig.model.bar_write(0, offset, value.to_bytes(size, "little"))
 
 
 def run(rig: ModelRig) -> int:
